@@ -1,0 +1,157 @@
+"""jaxmoe checkpoints: an orbax parameter tree plus a small JSON header.
+
+A checkpoint folder holds
+  jaxmoe.json   {"format": 1, "config": {...}, "slots_per_layer": [...],
+                 "slot_map": [[...]]}
+  params/globals, params/layer_NNNN
+                orbax StandardCheckpointer trees, together the layout of params.py
+  tokenizer.json, tokenizer_config.json, ... copied from the source when present
+
+Writes go to a temporary sibling folder renamed into place at the end, so a
+failure leaves no partial checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Iterator
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxmoe.config import MixtralConfig
+from jaxmoe.params import Params, abstract_params, check_params
+
+FORMAT_VERSION = 1
+HEADER = "jaxmoe.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint folder that cannot be read or written."""
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike) -> Iterator[pathlib.Path]:
+  """Yields a temporary folder that becomes `out` only if the block succeeds."""
+  out = pathlib.Path(out).absolute()
+  if out.exists():
+    raise CheckpointError(f"output {out} already exists; remove it or choose another path")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  try:
+    yield tmp
+    os.replace(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+class Writer:
+  """Writes a checkpoint part by part so a converter holds one layer at a time.
+
+  Parts: params/globals (embed, norm, lm_head) and params/layer_NNNN (that
+  layer's backbone weights and expert pool), each an orbax tree.
+  """
+
+  def __init__(self, folder: pathlib.Path, cfg: MixtralConfig):
+    self.folder, self.cfg = folder, cfg
+    self.slots: dict[int, int] = {}
+    self.wrote_globals = False
+    self._ckptr = ocp.StandardCheckpointer()
+
+  def _save(self, name: str, tree) -> None:
+    self._ckptr.save(self.folder / "params" / name, tree)
+    self._ckptr.wait_until_finished()
+
+  def write_globals(self, embed, norm, lm_head) -> None:
+    self._save("globals", {"embed": embed, "norm": norm, "lm_head": lm_head})
+    self.wrote_globals = True
+
+  def write_layer(self, index: int, layer: dict, pool: dict) -> None:
+    self.slots[index] = int(pool["w1"].shape[0])
+    self._save(f"layer_{index:04d}", {"backbone": layer, "experts": pool})
+
+  def finish(self, slot_map: np.ndarray) -> None:
+    missing = [i for i in range(self.cfg.num_layers) if i not in self.slots]
+    if missing or not self.wrote_globals:
+      raise CheckpointError(f"checkpoint incomplete: layers {missing} globals={self.wrote_globals}")
+    header = {
+        "format": FORMAT_VERSION,
+        "config": json.loads(self.cfg.to_json()),
+        "slots_per_layer": [self.slots[i] for i in range(self.cfg.num_layers)],
+        "slot_map": np.asarray(slot_map, np.int32).tolist(),
+    }
+    (self.folder / HEADER).write_text(json.dumps(header, indent=2))
+    self._ckptr.close()
+
+
+@contextlib.contextmanager
+def writer(out: str | os.PathLike, cfg: MixtralConfig) -> Iterator[Writer]:
+  """Atomic part-wise writer; call `finish(slot_map)` before the block ends."""
+  with atomic_dir(out) as tmp:
+    w = Writer(tmp, cfg)
+    yield w
+    if not (tmp / HEADER).is_file():
+      raise CheckpointError("checkpoint writer closed without finish()")
+
+
+def save(out: str | os.PathLike, cfg: MixtralConfig, params: Params, tokenizer_dir=None) -> None:
+  """Writes a whole in-memory model atomically; `tokenizer_dir` supplies tokenizer files."""
+  check_params(cfg, params)
+  bb = params["backbone"]
+  with writer(out, cfg) as w:
+    w.write_globals(bb["embed"], bb["norm"], bb["lm_head"])
+    for i, (layer, pool) in enumerate(zip(bb["layers"], params["experts"])):
+      w.write_layer(i, layer, pool)
+    if tokenizer_dir is not None:
+      copy_tokenizer(tokenizer_dir, w.folder)
+    w.finish(params["slot_map"])
+
+
+def copy_tokenizer(src: str | os.PathLike, dst: pathlib.Path) -> None:
+  for name in TOKENIZER_FILES:
+    path = pathlib.Path(src) / name
+    if path.is_file():
+      shutil.copy2(path, dst / name)
+
+
+def read_header(path: str | os.PathLike) -> dict:
+  path = pathlib.Path(path)
+  header_path = path / HEADER
+  if not header_path.is_file():
+    raise CheckpointError(f"{path} is not a jaxmoe checkpoint: {HEADER} is missing")
+  header = json.loads(header_path.read_text())
+  if header.get("format") != FORMAT_VERSION:
+    raise CheckpointError(f"{header_path}: format {header.get('format')!r}, expected {FORMAT_VERSION}")
+  header["config"] = MixtralConfig.from_json(json.dumps(header["config"]))
+  return header
+
+
+def load(path: str | os.PathLike) -> tuple[MixtralConfig, Params]:
+  """Reads a checkpoint into host numpy arrays: (config, params)."""
+  path = pathlib.Path(path).absolute()
+  header = read_header(path)
+  cfg, slots = header["config"], header["slots_per_layer"]
+  target = abstract_params(cfg, slots)
+  bb = target["backbone"]
+  with ocp.StandardCheckpointer() as ckptr:
+    restore = lambda name, t: jax.tree.map(np.asarray, ckptr.restore(path / "params" / name, t))
+    glob = restore("globals", {k: bb[k] for k in ("embed", "norm", "lm_head")})
+    layers = [
+        restore(f"layer_{i:04d}", {"backbone": bb["layers"][i], "experts": target["experts"][i]})
+        for i in range(cfg.num_layers)
+    ]
+  params = {
+      "backbone": {**glob, "layers": [x["backbone"] for x in layers]},
+      "experts": [x["experts"] for x in layers],
+      "slot_map": np.asarray(header["slot_map"], np.int32),
+  }
+  check_params(cfg, params)
+  return cfg, params
