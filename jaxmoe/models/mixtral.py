@@ -1,0 +1,187 @@
+"""Mixtral as pure functions over the params.py layout (backbone + expert pool).
+
+RMSNorm, RoPE, grouped-query attention with an optional sliding window, the
+top-k router and SwiGLU experts behind `jaxmoe.moe.moe`, untied LM head.
+Numerics follow Hugging Face `MixtralForCausalLM`: norms, router softmax and
+attention softmax in float32.
+
+One block function serves the full forward, prefill and decode: it writes the
+new keys/values into the cache at each row's own positions, then attends over
+the whole cache with a causal (and windowed) mask on positions. Rows of a batch
+are independent, so right-padded prompts of different lengths give the same
+results as each prompt alone.
+
+Axis legend: B batch, T query tokens, S cache positions, D model dim, E
+experts, N query heads, M kv heads, G = N / M, H head dim, L layers, V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxmoe.config import MixtralConfig
+from jaxmoe.moe import Impl, MoeSpec, Router, moe
+
+F32 = jnp.float32
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys/values for every layer and the number of valid positions per row."""
+
+  k: jax.Array  # [L, B, S, M, H]
+  v: jax.Array  # [L, B, S, M, H]
+  lengths: jax.Array  # [B] int32
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+
+def init_cache(cfg: MixtralConfig, batch: int, max_len: int) -> KVCache:
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  dtype = jnp.dtype(cfg.dtype)
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+
+def rms_norm(x, weight, eps):
+  x32 = x.astype(F32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return weight * normed.astype(x.dtype)
+
+
+def rope_tables(positions, head_dim: int, theta: float):
+  """positions [B, T] -> (cos, sin) [B, T, H] in float32 (HF 'default' RoPE)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=F32) / head_dim))
+  freqs = positions.astype(F32)[..., None] * inv_freq  # [B, T, H/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+  """x [B, T, *, H]; rotates the two halves of H (HF rotate_half convention)."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+  return x * cos + rotated * sin
+
+
+def attention_mask(positions, max_len: int, window: int | None):
+  """[B, T, S] bool: key position s is visible from query position p."""
+  keys = jnp.arange(max_len)[None, None, :]
+  q = positions[:, :, None]
+  mask = keys <= q
+  if window is not None:
+    mask &= q - keys < window
+  return mask
+
+
+def attention(p, x, positions, cache: KVCache, layer: int, cfg: MixtralConfig):
+  """One layer's attention; returns (out [B, T, D], cache with this layer's new keys written)."""
+  b, t, _ = x.shape
+  cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+  q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, p["q"]), cos, sin)
+  k = apply_rope(jnp.einsum("BTD,DMH->BTMH", x, p["k"]), cos, sin)
+  v = jnp.einsum("BTD,DMH->BTMH", x, p["v"])
+  rows = jnp.arange(b)[:, None]
+  # Scatter into the stacked cache so a donated cache is updated in place.
+  cache = cache.replace(
+      k=cache.k.at[layer, rows, positions].set(k.astype(cache.k.dtype), mode="drop"),
+      v=cache.v.at[layer, rows, positions].set(v.astype(cache.v.dtype), mode="drop"),
+  )
+  k_cache, v_cache = cache.k[layer], cache.v[layer]
+
+  q = q.reshape(b, t, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)
+  scores = jnp.einsum("BTMGH,BSMH->BMGTS", q, k_cache, preferred_element_type=F32)
+  scores = scores * cfg.head_dim**-0.5
+  mask = attention_mask(positions, k_cache.shape[1], cfg.sliding_window)
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(F32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+  out = jnp.einsum("BMGTS,BSMH->BTMGH", probs, v_cache)
+  out = out.reshape(b, t, cfg.num_heads, cfg.head_dim)
+  return jnp.einsum("BTNH,NHD->BTD", out, p["o"]), cache
+
+
+def moe_block(p, pool, slot_map, x, cfg: MixtralConfig, impl: Impl):
+  """x [B, T, D] through the router and the expert pool; slot_map [E] or [B, E]."""
+  b, t, d = x.shape
+  flat = x.reshape(b * t, d)
+  router_logits = jnp.einsum("TD,DE->TE", flat, p["router"])
+  if slot_map.ndim == 2:  # per-row tenant maps: one copy per token
+    slot_map = jnp.repeat(slot_map, t, axis=0)
+  spec = MoeSpec(top_k=cfg.top_k, router=Router.TOPK_RENORM, impl=impl)
+  return moe(flat, router_logits, slot_map, pool, spec).reshape(b, t, d)
+
+
+def layer_slot_map(slot_map, layer: int):
+  """slot_map [L, E] or per row [B, L, E] -> this layer's [E] or [B, E]."""
+  return slot_map[layer] if slot_map.ndim == 2 else slot_map[:, layer]
+
+
+def run_layers(params, x, positions, cache: KVCache, cfg: MixtralConfig, impl: Impl, moe_inputs=None):
+  """All decoder layers; returns (hidden [B, T, D], cache). Appends MoE inputs if asked."""
+  bb = params["backbone"]
+  for i, (p, pool) in enumerate(zip(bb["layers"], params["experts"])):
+    h, cache = attention(p, rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), positions, cache, i, cfg)
+    x = x + h
+    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+    if moe_inputs is not None:
+      moe_inputs.append(h)
+    x = x + moe_block(p, pool, layer_slot_map(params["slot_map"], i), h, cfg, impl)
+  x = rms_norm(x, bb["norm"], cfg.rms_norm_eps)
+  return x, cache
+
+
+def lm_head(params, x):
+  return jnp.einsum("BTD,DV->BTV", x, params["backbone"]["lm_head"], preferred_element_type=F32)
+
+
+def embed(params, tokens):
+  return params["backbone"]["embed"][tokens]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "with_moe_inputs"))
+def forward(params, tokens, cfg: MixtralConfig, impl: Impl = Impl.AUTO, with_moe_inputs: bool = False):
+  """Full causal forward pass.
+
+  Args:
+    params: the params.py layout.
+    tokens: [B, T] int32.
+    cfg: model config (static).
+    impl: MoE strategy (static).
+    with_moe_inputs: also return each layer's MoE input [L x [B, T, D]].
+
+  Returns:
+    logits [B, T, V] float32, and the MoE inputs when asked.
+  """
+  b, t = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  moe_inputs = [] if with_moe_inputs else None
+  x, _ = run_layers(params, embed(params, tokens), positions, init_cache(cfg, b, t), cfg, impl, moe_inputs)
+  logits = lm_head(params, x)
+  return (logits, moe_inputs) if with_moe_inputs else logits
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
+def prefill(params, tokens, lengths, cache: KVCache, cfg: MixtralConfig, impl: Impl = Impl.AUTO):
+  """Runs right-padded prompts [B, T] of `lengths` [B] into an empty cache.
+
+  Returns (logits of each row's last prompt token [B, V] float32, cache).
+  """
+  b, t = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  x, cache = run_layers(params, embed(params, tokens), positions, cache, cfg, impl)
+  last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
+  return lm_head(params, last)[:, 0], cache.replace(lengths=lengths.astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
+def decode_step(params, tokens, cache: KVCache, cfg: MixtralConfig, impl: Impl = Impl.AUTO):
+  """Appends one token per row [B] at each row's length; returns (logits [B, V], cache)."""
+  positions = cache.lengths[:, None]
+  x, cache = run_layers(params, embed(params, tokens[:, None]), positions, cache, cfg, impl)
+  return lm_head(params, x)[:, 0], cache.replace(lengths=cache.lengths + 1)

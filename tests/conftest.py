@@ -1,0 +1,37 @@
+"""Shared fixtures: the committed HF fixtures, converted once per session."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+HF_FIXTURES = ("gqa4x2", "mqa4x1_window")
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+  """name -> folder of the jaxmoe checkpoint converted from tests/fixtures/<name>."""
+  from checkpoints_convert.convert import convert
+
+  root = tmp_path_factory.mktemp("converted")
+  out = {}
+  for name in HF_FIXTURES:
+    convert(FIXTURES / name, root / name, dtype="float32", progress=False)
+    out[name] = root / name
+  return out
+
+
+@pytest.fixture(scope="session")
+def models(converted):
+  """name -> loaded jaxmoe.Model, shared so jitted programs compile once."""
+  import jaxmoe
+
+  return {name: jaxmoe.load(path) for name, path in converted.items()}
+
+
+@pytest.fixture(scope="session")
+def golden():
+  return {name: dict(np.load(FIXTURES / name / "golden.npz")) for name in HF_FIXTURES}
