@@ -116,7 +116,11 @@ def moe_ragged(x, router_logits, slot_map, pool, spec: MoeSpec):
 def resolve(impl: Impl) -> Impl:
   if impl is not Impl.AUTO:
     return impl
-  return Impl.PALLAS if jax.default_backend() == "gpu" and Impl.PALLAS in _IMPLS else Impl.RAGGED
+  if jax.default_backend() != "gpu":
+    return Impl.RAGGED
+  import pallas_kernels.moe  # noqa: F401  registers the Pallas strategies
+
+  return Impl.PALLAS
 
 
 def moe(x, router_logits, slot_map, pool, spec: MoeSpec) -> jax.Array:
