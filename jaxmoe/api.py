@@ -81,7 +81,7 @@ class Model:
     padded = np.zeros((b, prompt_bucket(t)), np.int32)
     padded[:, :t] = tokens
     cache = mixtral.init_cache(cfg, b, round_up(max(total, padded.shape[1]), CACHE_BLOCK))
-    key = jax.random.key(seed)
+    seeds = jnp.full((b,), seed, jnp.int32)
     temp = jnp.full((b,), temperature, jnp.float32)
     nucleus = jnp.full((b,), top_p, jnp.float32)
     eos = cfg.eos_token_id if stop_at_eos else None
@@ -90,8 +90,8 @@ class Model:
     with self._precision():
       logits, cache = mixtral.prefill(self.params, jnp.asarray(padded), jnp.asarray(lengths), cache, cfg, self.impl)
       for step in range(max_new_tokens):
-        key, sub = jax.random.split(key)
-        nxt = np.asarray(sampling.sample(logits, sub, temp, nucleus))
+        steps = jnp.full((b,), step, jnp.int32)
+        nxt = np.asarray(sampling.sample(logits, seeds, steps, temp, nucleus))
         nxt = np.where(done, pad, nxt).astype(np.int32)
         new.append(nxt)
         if eos is not None:

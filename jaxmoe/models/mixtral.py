@@ -30,6 +30,57 @@ F32 = jnp.float32
 
 
 @flax.struct.dataclass
+class SingleTenant:
+  """Weight access for one backbone: leaves as in params.py."""
+
+  def linear(self, eq: str, x, w):
+    return jnp.einsum(eq, x, w)
+
+  def vector(self, w):
+    return w
+
+  def embed(self, table, tokens):
+    return table[tokens]
+
+  def layer_slot_map(self, slot_map, layer: int):
+    return slot_map[layer]
+
+
+@flax.struct.dataclass
+class MixedTenants:
+  """Weight access for a batch mixing tenants: backbone leaves stacked [K, ...].
+
+  Row b uses tenant `ids[b]`. Projections sort the rows by tenant and run one
+  `ragged_dot` per weight, so each tenant's weights are read once per step and
+  each row is computed once.
+  """
+
+  ids: jax.Array  # [B] int32
+
+  def linear(self, eq: str, x, w):
+    del eq  # contraction: x's trailing dims (after B, T) with w's leading dims (after K)
+    b, t = x.shape[:2]
+    n_in = x.ndim - 2
+    out_shape = w.shape[1 + n_in :]
+    rows = x.reshape(b * t, -1)
+    tenant = jnp.repeat(self.ids, t)
+    order = jnp.argsort(tenant, stable=True)
+    sizes = jnp.bincount(tenant, length=w.shape[0]).astype(jnp.int32)
+    y = jax.lax.ragged_dot(rows[order], w.reshape(w.shape[0], rows.shape[1], -1), sizes)
+    y = jnp.zeros_like(y).at[order].set(y)
+    return y.reshape(b, t, *out_shape)
+
+  def vector(self, w):  # [K, D] -> [B, 1, D], broadcasting over T
+    return w[self.ids][:, None]
+
+  def embed(self, table, tokens):  # [K, V, D], [B, T]
+    return table[self.ids[:, None], tokens]
+
+  def layer_slot_map(self, slot_map, layer: int):  # [K, L, E] -> per row [B, E]
+    return slot_map[self.ids, layer]
+
+
+@flax.struct.dataclass
 class KVCache:
   """Keys/values for every layer and the number of valid positions per row."""
 
@@ -80,13 +131,13 @@ def attention_mask(positions, max_len: int, window: int | None):
   return mask
 
 
-def attention(p, x, positions, cache: KVCache, layer: int, cfg: MixtralConfig):
+def attention(p, x, positions, cache: KVCache, layer: int, cfg: MixtralConfig, ops):
   """One layer's attention; returns (out [B, T, D], cache with this layer's new keys written)."""
   b, t, _ = x.shape
   cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-  q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, p["q"]), cos, sin)
-  k = apply_rope(jnp.einsum("BTD,DMH->BTMH", x, p["k"]), cos, sin)
-  v = jnp.einsum("BTD,DMH->BTMH", x, p["v"])
+  q = apply_rope(ops.linear("BTD,DNH->BTNH", x, p["q"]), cos, sin)
+  k = apply_rope(ops.linear("BTD,DMH->BTMH", x, p["k"]), cos, sin)
+  v = ops.linear("BTD,DMH->BTMH", x, p["v"])
   rows = jnp.arange(b)[:, None]
   # Scatter into the stacked cache so a donated cache is updated in place.
   cache = cache.replace(
@@ -103,49 +154,45 @@ def attention(p, x, positions, cache: KVCache, layer: int, cfg: MixtralConfig):
   probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
   out = jnp.einsum("BMGTS,BSMH->BTMGH", probs, v_cache)
   out = out.reshape(b, t, cfg.num_heads, cfg.head_dim)
-  return jnp.einsum("BTNH,NHD->BTD", out, p["o"]), cache
+  return ops.linear("BTNH,NHD->BTD", out, p["o"]), cache
 
 
-def moe_block(p, pool, slot_map, x, cfg: MixtralConfig, impl: Impl):
+def moe_block(p, pool, slot_map, x, cfg: MixtralConfig, impl: Impl, ops):
   """x [B, T, D] through the router and the expert pool; slot_map [E] or [B, E]."""
   b, t, d = x.shape
   flat = x.reshape(b * t, d)
-  router_logits = jnp.einsum("TD,DE->TE", flat, p["router"])
+  router_logits = ops.linear("BTD,DE->BTE", x, p["router"]).reshape(b * t, -1)
   if slot_map.ndim == 2:  # per-row tenant maps: one copy per token
     slot_map = jnp.repeat(slot_map, t, axis=0)
   spec = MoeSpec(top_k=cfg.top_k, router=Router.TOPK_RENORM, impl=impl)
   return moe(flat, router_logits, slot_map, pool, spec).reshape(b, t, d)
 
 
-def layer_slot_map(slot_map, layer: int):
-  """slot_map [L, E] or per row [B, L, E] -> this layer's [E] or [B, E]."""
-  return slot_map[layer] if slot_map.ndim == 2 else slot_map[:, layer]
-
-
-def run_layers(params, x, positions, cache: KVCache, cfg: MixtralConfig, impl: Impl, moe_inputs=None):
+def run_layers(params, x, positions, cache: KVCache, cfg: MixtralConfig, impl: Impl, ops, moe_inputs=None):
   """All decoder layers; returns (hidden [B, T, D], cache). Appends MoE inputs if asked."""
-  bb = params["backbone"]
+  bb, eps = params["backbone"], cfg.rms_norm_eps
   for i, (p, pool) in enumerate(zip(bb["layers"], params["experts"])):
-    h, cache = attention(p, rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), positions, cache, i, cfg)
+    h, cache = attention(p, rms_norm(x, ops.vector(p["attn_norm"]), eps), positions, cache, i, cfg, ops)
     x = x + h
-    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+    h = rms_norm(x, ops.vector(p["mlp_norm"]), eps)
     if moe_inputs is not None:
       moe_inputs.append(h)
-    x = x + moe_block(p, pool, layer_slot_map(params["slot_map"], i), h, cfg, impl)
-  x = rms_norm(x, bb["norm"], cfg.rms_norm_eps)
+    x = x + moe_block(p, pool, ops.layer_slot_map(params["slot_map"], i), h, cfg, impl, ops)
+  x = rms_norm(x, ops.vector(bb["norm"]), eps)
   return x, cache
 
 
-def lm_head(params, x):
-  return jnp.einsum("BTD,DV->BTV", x, params["backbone"]["lm_head"], preferred_element_type=F32)
+def lm_head(params, x, ops):
+  return ops.linear("BTD,DV->BTV", x, params["backbone"]["lm_head"]).astype(F32)
 
 
-def embed(params, tokens):
-  return params["backbone"]["embed"][tokens]
+def embed(params, tokens, ops):
+  return ops.embed(params["backbone"]["embed"], tokens)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl", "with_moe_inputs"))
-def forward(params, tokens, cfg: MixtralConfig, impl: Impl = Impl.AUTO, with_moe_inputs: bool = False):
+def forward(params, tokens, cfg: MixtralConfig, impl: Impl = Impl.AUTO, with_moe_inputs: bool = False,
+            ops=SingleTenant()):
   """Full causal forward pass.
 
   Args:
@@ -154,6 +201,7 @@ def forward(params, tokens, cfg: MixtralConfig, impl: Impl = Impl.AUTO, with_moe
     cfg: model config (static).
     impl: MoE strategy (static).
     with_moe_inputs: also return each layer's MoE input [L x [B, T, D]].
+    ops: SingleTenant(), or MixedTenants(ids) with stacked backbones.
 
   Returns:
     logits [B, T, V] float32, and the MoE inputs when asked.
@@ -161,27 +209,30 @@ def forward(params, tokens, cfg: MixtralConfig, impl: Impl = Impl.AUTO, with_moe
   b, t = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   moe_inputs = [] if with_moe_inputs else None
-  x, _ = run_layers(params, embed(params, tokens), positions, init_cache(cfg, b, t), cfg, impl, moe_inputs)
-  logits = lm_head(params, x)
+  x, _ = run_layers(params, embed(params, tokens, ops), positions, init_cache(cfg, b, t), cfg, impl, ops,
+                    moe_inputs)
+  logits = lm_head(params, x, ops)
   return (logits, moe_inputs) if with_moe_inputs else logits
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
-def prefill(params, tokens, lengths, cache: KVCache, cfg: MixtralConfig, impl: Impl = Impl.AUTO):
+def prefill(params, tokens, lengths, cache: KVCache, cfg: MixtralConfig, impl: Impl = Impl.AUTO,
+            ops=SingleTenant()):
   """Runs right-padded prompts [B, T] of `lengths` [B] into an empty cache.
 
   Returns (logits of each row's last prompt token [B, V] float32, cache).
   """
   b, t = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  x, cache = run_layers(params, embed(params, tokens), positions, cache, cfg, impl)
+  x, cache = run_layers(params, embed(params, tokens, ops), positions, cache, cfg, impl, ops)
   last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
-  return lm_head(params, last)[:, 0], cache.replace(lengths=lengths.astype(jnp.int32))
+  return lm_head(params, last, ops)[:, 0], cache.replace(lengths=lengths.astype(jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
-def decode_step(params, tokens, cache: KVCache, cfg: MixtralConfig, impl: Impl = Impl.AUTO):
+def decode_step(params, tokens, cache: KVCache, cfg: MixtralConfig, impl: Impl = Impl.AUTO,
+                ops=SingleTenant()):
   """Appends one token per row [B] at each row's length; returns (logits [B, V], cache)."""
   positions = cache.lengths[:, None]
-  x, cache = run_layers(params, embed(params, tokens[:, None]), positions, cache, cfg, impl)
-  return lm_head(params, x)[:, 0], cache.replace(lengths=cache.lengths + 1)
+  x, cache = run_layers(params, embed(params, tokens[:, None], ops), positions, cache, cfg, impl, ops)
+  return lm_head(params, x, ops)[:, 0], cache.replace(lengths=cache.lengths + 1)

@@ -1,0 +1,160 @@
+"""Where tenants' weights live on the device in each serving mode.
+
+All modes keep the shared expert pool on the device once. They differ in the
+backbones (the per-tenant non-expert layers, routers included):
+  swap      one backbone on the device; a switch copies the next one in from
+            staged host buffers (pinned host memory where the platform has it)
+  resident  every backbone on the device; a switch moves no bytes
+  mixed     every backbone on the device, stacked [K, ...] so one batch can
+            mix tenants (rows pick their tenant's weights)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+
+import jax
+import numpy as np
+
+
+class Mode(enum.Enum):
+  SWAP = "swap"
+  RESIDENT = "resident"
+  MIXED = "mixed"
+
+
+@dataclasses.dataclass
+class SwitchStats:
+  switches: int = 0
+  bytes: int = 0
+  seconds: float = 0.0
+
+
+def tree_bytes(tree) -> int:
+  return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
+
+
+def to_device(tree):
+  """Commits arrays to the default device, so every mode's arguments share one jit cache key."""
+  return jax.device_put(tree, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+
+
+def _host_sharding():
+  """Pinned host memory when the default device offers it, else None (plain numpy)."""
+  dev = jax.devices()[0]
+  kinds = {m.kind for m in dev.addressable_memories()}
+  if "pinned_host" in kinds:
+    return jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
+  return None
+
+
+class TenantWeights:
+  """Shared pool and slot maps on the device; backbones per mode (subclasses).
+
+  Swap and resident serve one tenant per batch through `params(tenant)`;
+  mixed serves `stacked` params to batches that mix tenants.
+  """
+
+  mode: Mode
+
+  def __init__(self, store):
+    self.tenants = list(store.tenants)
+    self.index = {name: i for i, name in enumerate(self.tenants)}
+    self.pool = to_device(store.pool)
+    self.slot_maps = {t: to_device(np.asarray(store.slot_maps[t], np.int32)) for t in self.tenants}
+    self.stats = SwitchStats()
+    self.active: str | None = None
+
+  def params(self, tenant: str) -> dict:
+    """Single-tenant params for `tenant`, switching to it first if needed."""
+    raise NotImplementedError
+
+  def prefetch(self, tenant: str) -> None:
+    """Starts bringing `tenant` in ahead of a switch (only swap moves bytes)."""
+
+  def device_bytes(self) -> int:
+    raise NotImplementedError
+
+
+class ResidentWeights(TenantWeights):
+  mode = Mode.RESIDENT
+
+  def __init__(self, store):
+    super().__init__(store)
+    self.backbones = {t: to_device(store.backbones[t]) for t in self.tenants}
+
+  def params(self, tenant: str) -> dict:
+    if tenant != self.active:
+      self.stats.switches += int(self.active is not None)
+      self.active = tenant
+    return {"backbone": self.backbones[tenant], "experts": self.pool, "slot_map": self.slot_maps[tenant]}
+
+  def device_bytes(self) -> int:
+    return tree_bytes(self.pool) + tree_bytes(self.backbones)
+
+
+class SwapWeights(TenantWeights):
+  mode = Mode.SWAP
+
+  def __init__(self, store):
+    super().__init__(store)
+    host = _host_sharding()
+    stage = (lambda x: jax.device_put(x, host)) if host is not None else np.asarray
+    self.host = {t: jax.tree.map(stage, store.backbones[t]) for t in self.tenants}
+    self.device_backbone = None
+    self._prefetched: tuple[str, object] | None = None
+
+  def prefetch(self, tenant: str) -> None:
+    if tenant != self.active and (self._prefetched is None or self._prefetched[0] != tenant):
+      self._prefetched = (tenant, to_device(self.host[tenant]))  # async copy
+
+  def params(self, tenant: str) -> dict:
+    if tenant != self.active:
+      self._switch(tenant)
+    return {"backbone": self.device_backbone, "experts": self.pool, "slot_map": self.slot_maps[tenant]}
+
+  def _switch(self, tenant: str) -> None:
+    start = time.perf_counter()
+    if self.device_backbone is not None and (self._prefetched is None or self._prefetched[0] != tenant):
+      # Free the outgoing backbone before copying so the device holds one at a time.
+      for leaf in jax.tree.leaves(self.device_backbone):
+        leaf.delete()
+    if self._prefetched is not None and self._prefetched[0] == tenant:
+      incoming = self._prefetched[1]
+    else:
+      incoming = to_device(self.host[tenant])
+    old, self.device_backbone, self._prefetched = self.device_backbone, jax.block_until_ready(incoming), None
+    if old is not None:
+      for leaf in jax.tree.leaves(old):
+        if not leaf.is_deleted():
+          leaf.delete()
+    self.stats.switches += int(self.active is not None)
+    self.stats.bytes += tree_bytes(self.device_backbone)
+    self.stats.seconds += time.perf_counter() - start
+    self.active = tenant
+
+  def device_bytes(self) -> int:
+    return tree_bytes(self.pool) + (tree_bytes(self.device_backbone) if self.device_backbone is not None else 0)
+
+
+class MixedWeights(TenantWeights):
+  mode = Mode.MIXED
+
+  def __init__(self, store):
+    super().__init__(store)
+    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                           *[store.backbones[t] for t in self.tenants])
+    self.stacked = {
+        "backbone": to_device(stacked),
+        "experts": self.pool,
+        "slot_map": to_device(np.stack([np.asarray(store.slot_maps[t], np.int32) for t in self.tenants])),
+    }
+
+  def device_bytes(self) -> int:
+    return tree_bytes(self.pool) + tree_bytes(self.stacked["backbone"])
+
+
+def make_weights(mode: Mode, store) -> TenantWeights:
+  return {Mode.SWAP: SwapWeights, Mode.RESIDENT: ResidentWeights, Mode.MIXED: MixedWeights}[mode](store)
