@@ -45,12 +45,30 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[pathlib.Path]:
     raise CheckpointError(f"output {out} already exists; remove it or choose another path")
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  umask = os.umask(0)
+  os.umask(umask)
+  tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the result should be an ordinary folder
   try:
     yield tmp
     os.replace(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def _part_checkpointer() -> ocp.AsyncCheckpointer:
+  """Orbax checkpointer for Writer: numpy leaves are written without a copy.
+
+  Orbax deep-copies host arrays so a caller may reuse them during an async
+  save; Writer waits for every save, so that copy would only double the peak
+  host memory of a conversion (tests/test_convert_memory.py).
+  """
+  th = ocp.type_handlers
+  registry = th.create_type_handler_registry(
+      (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
+      (jax.Array, th.get_type_handler(jax.Array)),
+  )
+  return ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
 
 
 class Writer:
@@ -64,10 +82,10 @@ class Writer:
     self.folder, self.cfg = folder, cfg
     self.slots: dict[int, int] = {}
     self.wrote_globals = False
-    self._ckptr = ocp.StandardCheckpointer()
+    self._ckptr = _part_checkpointer()
 
   def _save(self, name: str, tree) -> None:
-    self._ckptr.save(self.folder / "params" / name, tree)
+    self._ckptr.save(self.folder / "params" / name, args=ocp.args.PyTreeSave(tree))
     self._ckptr.wait_until_finished()
 
   def write_globals(self, embed, norm, lm_head) -> None:
@@ -134,24 +152,88 @@ def read_header(path: str | os.PathLike) -> dict:
   return header
 
 
+def restore_part(ckptr: ocp.StandardCheckpointer, folder: pathlib.Path, target):
+  """One orbax tree restored into host numpy arrays; `target` holds ShapeDtypeStructs."""
+  return jax.tree.map(np.asarray, ckptr.restore(folder, target))
+
+
+def part_shapes(ckptr: ocp.StandardCheckpointer, folder: pathlib.Path) -> dict:
+  """{"a/b": (shape, dtype name)} of one orbax tree, read from its metadata only."""
+  meta = ckptr.metadata(folder).item_metadata
+  flat = jax.tree_util.tree_flatten_with_path(getattr(meta, "tree", meta))[0]
+  key = lambda path: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  return {key(p): (tuple(m.shape), np.dtype(m.dtype).name) for p, m in flat}
+
+
+class Reader:
+  """Reads a checkpoint part by part, so a caller can hold one layer at a time.
+
+  Arrays come back as host numpy arrays, as from `load`.
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = pathlib.Path(path).absolute()
+    self.header = read_header(self.path)
+    self.config: MixtralConfig = self.header["config"]
+    self.slots_per_layer: list[int] = list(self.header["slots_per_layer"])
+    self.slot_map = np.asarray(self.header["slot_map"], np.int32)  # [L, E]
+    self.target = abstract_params(self.config, self.slots_per_layer)
+    self._ckptr = ocp.StandardCheckpointer()
+
+  def part_names(self) -> list[str]:
+    return ["globals"] + [f"layer_{i:04d}" for i in range(self.config.num_layers)]
+
+  def expected_shapes(self, name: str) -> dict:
+    """What `part_shapes(name)` must be for this header's config, same keys."""
+    bb = self.target["backbone"]
+    if name == "globals":
+      tree = {k: bb[k] for k in ("embed", "norm", "lm_head")}
+    else:
+      i = int(name.removeprefix("layer_"))
+      tree = {"backbone": bb["layers"][i], "experts": self.target["experts"][i]}
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    key = lambda path: "/".join(str(k.key) for k in path)
+    return {key(p): (tuple(s.shape), np.dtype(s.dtype).name) for p, s in flat}
+
+  def part_shapes(self, name: str) -> dict:
+    return part_shapes(self._ckptr, self.path / "params" / name)
+
+  def read_globals(self) -> dict:
+    """{"embed", "norm", "lm_head"}."""
+    bb = self.target["backbone"]
+    return restore_part(self._ckptr, self.path / "params" / "globals",
+                        {k: bb[k] for k in ("embed", "norm", "lm_head")})
+
+  def read_layer(self, i: int) -> tuple[dict, dict]:
+    """(backbone layer i, expert pool of layer i {w1, w3, w2} [S_i, ...])."""
+    target = {"backbone": self.target["backbone"]["layers"][i], "experts": self.target["experts"][i]}
+    out = restore_part(self._ckptr, self.path / "params" / f"layer_{i:04d}", target)
+    return out["backbone"], out["experts"]
+
+  def close(self) -> None:
+    self._ckptr.close()
+
+
+@contextlib.contextmanager
+def reader(path: str | os.PathLike) -> Iterator[Reader]:
+  """A part-wise `Reader` over the checkpoint at `path`, closed at the end of the block."""
+  r = Reader(path)
+  try:
+    yield r
+  finally:
+    r.close()
+
+
 def load(path: str | os.PathLike) -> tuple[MixtralConfig, Params]:
   """Reads a checkpoint into host numpy arrays: (config, params)."""
-  path = pathlib.Path(path).absolute()
-  header = read_header(path)
-  cfg, slots = header["config"], header["slots_per_layer"]
-  target = abstract_params(cfg, slots)
-  bb = target["backbone"]
-  with ocp.StandardCheckpointer() as ckptr:
-    restore = lambda name, t: jax.tree.map(np.asarray, ckptr.restore(path / "params" / name, t))
-    glob = restore("globals", {k: bb[k] for k in ("embed", "norm", "lm_head")})
-    layers = [
-        restore(f"layer_{i:04d}", {"backbone": bb["layers"][i], "experts": target["experts"][i]})
-        for i in range(cfg.num_layers)
-    ]
+  with reader(path) as r:
+    cfg = r.config
+    glob = r.read_globals()
+    layers = [r.read_layer(i) for i in range(cfg.num_layers)]
   params = {
-      "backbone": {**glob, "layers": [x["backbone"] for x in layers]},
-      "experts": [x["experts"] for x in layers],
-      "slot_map": np.asarray(header["slot_map"], np.int32),
+      "backbone": {**glob, "layers": [layer for layer, _ in layers]},
+      "experts": [pool for _, pool in layers],
+      "slot_map": r.slot_map,
   }
   check_params(cfg, params)
   return cfg, params
