@@ -2,6 +2,7 @@
 
 from jaxmoe.api import Model, load
 from jaxmoe.config import MixtralConfig
+from jaxmoe.store import load_store
 
-__all__ = ["Model", "MixtralConfig", "load"]
+__all__ = ["Model", "MixtralConfig", "load", "load_store"]
 __version__ = "0.1.0"

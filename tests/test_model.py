@@ -107,7 +107,7 @@ def per_expert_loop(x, router_logits, slot_map, pool, top_k):
 
 
 @pytest.mark.parametrize("per_token_map", [False, True])
-@pytest.mark.parametrize("impl", [moe_lib.Impl.DENSE, moe_lib.Impl.RAGGED])
+@pytest.mark.parametrize("impl", [moe_lib.Impl.DENSE, moe_lib.Impl.SLOTS, moe_lib.Impl.RAGGED])
 def test_moe_strategies_match_per_expert_loop(impl, per_token_map):
   rng = np.random.default_rng(4)
   t, d, f, e, s, k = 11, 16, 24, 4, 6, 2
@@ -155,3 +155,22 @@ def test_bad_tokens_are_refused(models):
     model.logits(np.array([[1, model.config.vocab_size]]))
   with pytest.raises(ValueError, match="max_new_tokens"):
     model.generate(np.array([[1, 2]]), 0)
+
+
+def test_slots_strategy_is_bit_stable_when_the_pool_grows():
+  """Adding unrelated slots (and moving a token's experts) must not change a single bit."""
+  rng = np.random.default_rng(9)
+  t, d, f, e, k = 7, 16, 24, 4, 3
+  x = rng.standard_normal((t, d)).astype(np.float32)
+  logits = rng.standard_normal((t, e)).astype(np.float32)
+  pool = {n: (0.3 * rng.standard_normal(sh)).astype(np.float32)
+          for n, sh in (("w1", (e, d, f)), ("w3", (e, d, f)), ("w2", (e, f, d)))}
+  spec = moe_lib.MoeSpec(top_k=k, impl=moe_lib.Impl.SLOTS)
+  base = np.asarray(moe_lib.moe(x, logits, np.arange(e, dtype=np.int32), pool, spec))
+  order = np.array([5, 0, 3, 1, 2, 4])  # experts scattered over a pool of 6, two extra slots
+  big = {n: np.zeros((6, *w.shape[1:]), np.float32) for n, w in pool.items()}
+  for n, w in pool.items():
+    big[n][order[:e]] = w
+    big[n][order[e:]] = rng.standard_normal((2, *w.shape[1:]))
+  grown = np.asarray(moe_lib.moe(x, logits, order[:e].astype(np.int32), big, spec))
+  np.testing.assert_array_equal(grown, base)

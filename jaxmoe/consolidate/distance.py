@@ -1,0 +1,127 @@
+"""Distances between the K tenants' experts at one position (layer, logical expert).
+
+Every metric gives a symmetric [K, K] matrix with a zero diagonal. Bitwise
+identical experts get distance exactly 0 and are flagged in a separate [K, K]
+boolean matrix, so they can be merged before anything else whatever the
+metric's rounding does.
+
+  l2      ||w_i - w_j||_2 over the flattened w1, w3, w2 (the paper; its score for
+          K > 2 is the sum over tenant pairs, see `pair_score`).
+  cosine  1 - <w_i, w_j> / (|w_i| |w_j|) over the same flattened vectors.
+  output  mean over calibration tokens and D of (f_i(x) - f_j(x))^2, where f is
+          the SwiGLU expert and x runs over the hidden states that every tenant
+          produced at this layer's MoE input on the calibration text.
+
+Axis legend: K tenants, E experts, N calibration tokens, D model dim, F ffn dim.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmoe.moe import swiglu
+from jaxmoe.params import EXPERT_NAMES
+
+F32 = jnp.float32
+
+
+class Metric(enum.Enum):
+  L2 = "l2"
+  COSINE = "cosine"
+  OUTPUT = "output"
+
+
+def _pairs(k: int) -> list[tuple[int, int]]:
+  return [(i, j) for i in range(k) for j in range(i + 1, k)]
+
+
+def _symmetric(k: int, values) -> jax.Array:
+  out = jnp.zeros((k, k), F32)
+  for (i, j), v in zip(_pairs(k), values):
+    out = out.at[i, j].set(v).at[j, i].set(v)
+  return out
+
+
+@jax.jit
+def _l2(w: dict) -> jax.Array:
+  """w: {name: [K, ...]} -> [K, K]; differences taken directly (no Gram trick: it cancels)."""
+  k = w["w1"].shape[0]
+  sq = [sum(jnp.sum(jnp.square(w[n][i].astype(F32) - w[n][j].astype(F32))) for n in EXPERT_NAMES)
+        for i, j in _pairs(k)]
+  return _symmetric(k, [jnp.sqrt(s) for s in sq])
+
+
+@jax.jit
+def _cosine(w: dict) -> jax.Array:
+  k = w["w1"].shape[0]
+  flat = [jnp.concatenate([w[n][i].astype(F32).ravel() for n in EXPERT_NAMES]) for i in range(k)]
+  norms = [jnp.sqrt(jnp.sum(jnp.square(v))) for v in flat]
+  values = []
+  for i, j in _pairs(k):
+    denom = norms[i] * norms[j]
+    cos = jnp.where(denom > 0, jnp.sum(flat[i] * flat[j]) / jnp.where(denom > 0, denom, 1.0), 0.0)
+    values.append(jnp.clip(1.0 - cos, 0.0, 2.0))
+  return _symmetric(k, values)
+
+
+@jax.jit
+def _output(w: dict, x: jax.Array) -> jax.Array:
+  """x [N, D] hidden states; each tenant's expert applied to all of them."""
+  k = w["w1"].shape[0]
+  ys = [swiglu(x, w["w1"][i], w["w3"][i], w["w2"][i]) for i in range(k)]  # K x [N, D] f32
+  return _symmetric(k, [jnp.mean(jnp.square(ys[i] - ys[j])) for i, j in _pairs(k)])
+
+
+def identical(w: dict[str, np.ndarray]) -> np.ndarray:
+  """w: {name: [K, ...]} -> [K, K] bool, True where two experts are equal bit for bit."""
+  k = w["w1"].shape[0]
+  raw = {n: np.ascontiguousarray(w[n]).view(np.uint8).reshape(k, -1) for n in EXPERT_NAMES}
+  out = np.eye(k, dtype=bool)
+  for i, j in _pairs(k):
+    out[i, j] = out[j, i] = all(np.array_equal(raw[n][i], raw[n][j]) for n in EXPERT_NAMES)
+  return out
+
+
+def pairwise(w: dict[str, np.ndarray], metric: Metric, inputs=None) -> tuple[np.ndarray, np.ndarray]:
+  """Distances between the K experts of one position.
+
+  Args:
+    w: {"w1": [K, D, F], "w3": [K, D, F], "w2": [K, F, D]}, tenant k's expert at k.
+    metric: which distance.
+    inputs: [N, D] hidden states, needed by Metric.OUTPUT only.
+
+  Returns:
+    (dist [K, K] float64, same [K, K] bool); dist is exactly 0 where same is True.
+  """
+  with jax.default_matmul_precision("highest"):
+    if metric is Metric.L2:
+      dist = _l2(w)
+    elif metric is Metric.COSINE:
+      dist = _cosine(w)
+    elif metric is Metric.OUTPUT:
+      if inputs is None:
+        raise ValueError("the output metric needs calibration hidden states")
+      dist = _output(w, jnp.asarray(inputs))
+    else:
+      raise ValueError(f"unknown metric {metric!r}")
+  same = identical(w)
+  dist = np.where(same, 0.0, np.asarray(dist, np.float64))
+  return dist, same
+
+
+def layer_distances(experts: list[dict], metric: Metric, inputs=None) -> tuple[np.ndarray, np.ndarray]:
+  """experts: K tenants' {name: [E, ...]} of one layer -> (dist [E, K, K], same [E, K, K])."""
+  num_experts = experts[0]["w1"].shape[0]
+  out = [pairwise({n: np.stack([t[n][e] for t in experts]) for n in EXPERT_NAMES}, metric, inputs)
+         for e in range(num_experts)]
+  return np.stack([d for d, _ in out]), np.stack([s for _, s in out])
+
+
+def pair_score(dist: np.ndarray) -> float:
+  """The paper's per-position score: the sum of the distances over tenant pairs."""
+  k = dist.shape[0]
+  return float(sum(dist[i, j] for i, j in _pairs(k)))

@@ -1,0 +1,207 @@
+"""consolidate(): K tenant checkpoints -> one store with a shared expert pool.
+
+Two passes over the layers, so memory stays near one layer of all tenants:
+  1. read layer l of every tenant, write its backbone part to the store,
+     measure the distances at each (l, e) (running the tenants' layers on the
+     calibration text for the output metric);
+  2. after the global selection (select.py), read layer l again and write its
+     pool.
+Everything goes to a temporary folder renamed into place at the end, so a
+failure leaves no store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmoe.consolidate import calibrate, report
+from jaxmoe.consolidate.distance import Metric, layer_distances, pair_score
+from jaxmoe.consolidate.errors import ConsolidateError
+from jaxmoe.consolidate.select import GB, Owner, Plan, Selection, check_budget, select
+from jaxmoe.consolidate.tenants import check_names, logical_experts, open_tenants
+from jaxmoe.moe import Impl
+from jaxmoe.params import EXPERT_NAMES
+from jaxmoe.store import StoreWriter, expert_bytes, store_writer
+from jaxmoe.tokenizer import load_tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsolidateConfig:
+  """What to measure, how much to share, and whose weights a shared expert keeps."""
+
+  metric: Metric = Metric.L2
+  owner: Owner = Owner.ROUND_ROBIN
+  budget_gb: float | None = None  # bound on the pool (unique experts x expert bytes), 10^9 bytes
+  share_fraction: float | None = None  # fraction of the L*E*(K-1) possible joins
+  base_tenant: str | None = None  # Owner.BASE; default the first tenant
+  calibration_text: str | None = None  # Metric.OUTPUT only
+  calibration_tokens: int = 2048
+  calibration_seq_len: int = 256
+  impl: Impl = Impl.AUTO  # MoE strategy of the calibration forward passes
+
+  def __post_init__(self):
+    if (self.budget_gb is None) == (self.share_fraction is None):
+      raise ConsolidateError("give exactly one of --budget_gb and --share_fraction")
+    if self.budget_gb is not None and not self.budget_gb >= 0:
+      raise ConsolidateError(f"--budget_gb={self.budget_gb} must be >= 0")
+    if (self.metric is Metric.OUTPUT) != (self.calibration_text is not None):
+      raise ConsolidateError("--calibration text is needed by --metric=output, and used by nothing else")
+    if self.calibration_tokens < 1:
+      raise ConsolidateError(f"--calibration_tokens={self.calibration_tokens} must be >= 1")
+    if self.base_tenant is not None and self.owner is not Owner.BASE:
+      raise ConsolidateError("--base_tenant is used by --owner=base only")
+
+  @property
+  def budget_bytes(self) -> int | None:
+    return None if self.budget_gb is None else round(self.budget_gb * GB)
+
+  def selection(self, names: list[str]) -> Selection:
+    base = self.base_tenant if self.base_tenant is not None else names[0]
+    if base not in names:
+      raise ConsolidateError(f"--base_tenant={base!r} is not one of the tenants {names}")
+    return Selection(self.budget_bytes, self.share_fraction, self.owner, names.index(base))
+
+
+def consolidate(tenants: Sequence[tuple[str, str | os.PathLike]], out: str | os.PathLike,
+                ccfg: ConsolidateConfig) -> dict:
+  """Consolidates K >= 2 tenant checkpoints into one store.
+
+  Args:
+    tenants: (name, checkpoint folder) pairs, in the order the store lists them.
+    out: store folder to create; it must not exist.
+    ccfg: metric, budget or share fraction, owner policy, calibration text.
+
+  Returns:
+    The store.json content (also what report.table prints).
+
+  Raises:
+    ConsolidateError (or CheckpointError, both ValueError) naming the bad input;
+    no store is written then.
+  """
+  names = [name for name, _ in tenants]
+  check_names(names)
+  sel = ccfg.selection(names)
+  out = pathlib.Path(out)
+  if out.exists():
+    raise ConsolidateError(f"output {out} already exists; remove it or choose another path")
+  with open_tenants(dict(tenants)) as readers:
+    cfg = readers[names[0]].config
+    if sel.budget_bytes is not None:
+      check_budget(sel.budget_bytes, cfg.num_layers, cfg.num_experts, expert_bytes(cfg))
+    with store_writer(out, cfg, names) as w:
+      dist, same = _distance_pass(readers, w, ccfg)
+      plan = select(dist, same, expert_bytes(cfg), sel)
+      _pool_pass(readers, w, plan)
+      for name, r in readers.items():
+        w.copy_tokenizer(name, r.path)
+      meta = describe(names, readers, ccfg, sel, plan, dist)
+      header = w.finish({name: plan.slot_maps[i] for i, name in enumerate(names)}, meta)
+      report.write(w.folder, header)
+  return header
+
+
+def _calibration_inputs(readers, ccfg: ConsolidateConfig, globs: dict) -> dict:
+  """Per tenant: embedded calibration tokens [B, T, D] (the input of layer 0)."""
+  out = {}
+  for name, r in readers.items():
+    tok = load_tokenizer(r.path, r.config)
+    tokens = calibrate.calibration_tokens(ccfg.calibration_text, tok, r.config, ccfg.calibration_tokens,
+                                          ccfg.calibration_seq_len)
+    out[name] = calibrate.embed(globs[name], tokens)
+  return out
+
+
+def _distance_pass(readers, w: StoreWriter, ccfg: ConsolidateConfig) -> tuple[np.ndarray, np.ndarray]:
+  """Writes the backbones; returns (dist [L, E, K, K], same [L, E, K, K])."""
+  cfg = next(iter(readers.values())).config
+  globs = {}
+  for name, r in readers.items():
+    globs[name] = r.read_globals()
+    w.write_backbone_globals(name, globs[name])
+  xs = _calibration_inputs(readers, ccfg, globs) if ccfg.metric is Metric.OUTPUT else None
+  del globs
+  dists, sames = [], []
+  for i in range(cfg.num_layers):
+    layers = {name: r.read_layer(i) for name, r in readers.items()}
+    for name, (layer, _) in layers.items():
+      w.write_backbone_layer(name, i, layer)
+    experts = [logical_experts(pool, readers[name].slot_map[i]) for name, (_, pool) in layers.items()]
+    inputs = None
+    if xs is not None:
+      hidden = []
+      with calibrate.precision(cfg):
+        for name, (layer, pool) in layers.items():
+          row = jnp.asarray(readers[name].slot_map[i])
+          xs[name], h = calibrate.layer_step(layer, pool, row, xs[name], cfg, ccfg.impl)
+          hidden.append(h.reshape(-1, cfg.hidden_size))
+      inputs = jnp.concatenate(hidden)
+    d, s = layer_distances(experts, ccfg.metric, inputs)
+    dists.append(d)
+    sames.append(s)
+  return np.stack(dists), np.stack(sames)
+
+
+def build_pool(groups, experts: list[dict]) -> dict[str, np.ndarray]:
+  """One layer's pool {name: [S, ...]} from the plan's groups and the K tenants' experts [E, ...]."""
+  pool = {}
+  for n in EXPERT_NAMES:
+    like = experts[0][n]
+    pool[n] = out = np.empty((len(groups), *like.shape[1:]), like.dtype)  # filled in place: one copy
+    for s, g in enumerate(groups):
+      if g.owner is not None:
+        out[s] = experts[g.owner][n][g.expert]
+      else:  # Owner.AVERAGE: float32 mean of the members
+        total = sum(np.asarray(experts[t][n][g.expert], np.float32) for t in g.members)
+        out[s] = (total / np.float32(len(g.members))).astype(like.dtype)
+  return pool
+
+
+def _pool_pass(readers, w: StoreWriter, plan: Plan) -> None:
+  for i, groups in enumerate(plan.layers):
+    experts = [logical_experts(r.read_layer(i)[1], r.slot_map[i]) for r in readers.values()]
+    w.write_pool_layer(i, build_pool(groups, experts))
+
+
+def describe(names, readers, ccfg: ConsolidateConfig, sel: Selection, plan: Plan, dist) -> dict:
+  """The consolidation part of store.json: policy, selection counts, every position."""
+  cfg = readers[names[0]].config
+  positions = []
+  for l, groups in enumerate(plan.layers):
+    for e in range(cfg.num_experts):
+      positions.append({
+          "layer": l, "expert": e, "score": pair_score(dist[l, e]),
+          "distances": dist[l, e].tolist(),
+          "groups": [_group_json(g, s, names) for s, g in enumerate(groups) if g.expert == e],
+      })
+  k = len(names)
+  selection = {
+      "mode": "budget" if sel.budget_bytes is not None else "fraction",
+      "budget_gb": ccfg.budget_gb, "budget_bytes": sel.budget_bytes, "budget_counts": "pool",
+      "share_fraction": ccfg.share_fraction,
+      "experts_before": cfg.num_layers * cfg.num_experts * k, "unique_experts": plan.unique_experts,
+      "joins_possible": plan.joins_possible, "joins_identical": plan.joins_identical,
+      "joins_applied": plan.joins_applied,
+  }
+  return {
+      "metric": ccfg.metric.value,
+      "owner": ccfg.owner.value,
+      "base_tenant": names[sel.base] if sel.owner is Owner.BASE else None,
+      "selection": selection,
+      "calibration_tokens": ccfg.calibration_tokens if ccfg.metric is Metric.OUTPUT else None,
+      "sources": {name: str(readers[name].path) for name in names},
+      "positions": positions,
+  }
+
+
+def _group_json(g, slot: int, names: list[str]) -> dict:
+  return {
+      "tenants": [names[t] for t in g.members], "slot": slot,
+      "owner": "average" if g.owner is None else names[g.owner],
+      "height": g.height, "identical": g.exact and len(g.members) > 1,
+  }

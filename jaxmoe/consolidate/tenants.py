@@ -1,0 +1,91 @@
+"""The K input checkpoints: names, validation, and reading them one layer at a time."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import pathlib
+from collections.abc import Iterator
+
+import numpy as np
+
+from jaxmoe import checkpoint
+from jaxmoe.consolidate.errors import ConsolidateError
+from jaxmoe.params import EXPERT_NAMES
+from jaxmoe.store import StoreError, check_tenant_names
+
+
+def parse_tenant(text: str) -> tuple[str, str]:
+  """'NAME=CKPT' -> (NAME, CKPT)."""
+  name, sep, path = text.partition("=")
+  if not sep or not name or not path:
+    raise ConsolidateError(f"--tenant={text!r}: expected NAME=CHECKPOINT_DIR")
+  return name, path
+
+
+def check_names(names: list[str]) -> None:
+  if len(names) < 2:
+    raise ConsolidateError(f"need at least 2 tenants to consolidate, got {len(names)}")
+  try:
+    check_tenant_names(names)
+  except StoreError as e:
+    raise ConsolidateError(str(e)) from None
+
+
+def _first_config_difference(a, b) -> str | None:
+  for field in dataclasses.fields(a):
+    va, vb = getattr(a, field.name), getattr(b, field.name)
+    if va != vb:
+      return f"config field {field.name}: {va!r} vs {vb!r}"
+  return None
+
+
+def _first_tensor_difference(r: checkpoint.Reader) -> str | None:
+  for part in r.part_names():
+    got, want = r.part_shapes(part), r.expected_shapes(part)
+    for key in sorted(set(got) | set(want)):
+      if key not in got:
+        return f"tensor {part}/{key} is missing"
+      if key not in want:
+        return f"tensor {part}/{key} is unexpected"
+      if got[key] != want[key]:
+        (gs, gd), (ws, wd) = got[key], want[key]
+        return f"tensor {part}/{key} is {gd}{list(gs)}, the config says {wd}{list(ws)}"
+  return None
+
+
+def check_same_architecture(readers: dict[str, checkpoint.Reader]) -> None:
+  """Raises ConsolidateError naming the first config field or tensor that differs."""
+  names = list(readers)
+  first = readers[names[0]]
+  for name in names[1:]:
+    diff = _first_config_difference(first.config, readers[name].config)
+    if diff:
+      raise ConsolidateError(f"tenant {name!r} has a different architecture from {names[0]!r}: {diff}")
+  for name in names:
+    diff = _first_tensor_difference(readers[name])
+    if diff:
+      raise ConsolidateError(f"tenant {name!r} ({readers[name].path}): {diff}")
+
+
+@contextlib.contextmanager
+def open_tenants(tenants: dict[str, str | os.PathLike]) -> Iterator[dict[str, checkpoint.Reader]]:
+  """Validated part-wise readers, in the given order of tenants."""
+  check_names(list(tenants))
+  with contextlib.ExitStack() as stack:
+    readers = {}
+    for name, path in tenants.items():
+      try:
+        readers[name] = stack.enter_context(checkpoint.reader(pathlib.Path(path)))
+      except (checkpoint.CheckpointError, ValueError, OSError) as e:
+        raise ConsolidateError(f"tenant {name!r}: {e}") from None
+    check_same_architecture(readers)
+    yield readers
+
+
+def logical_experts(pool: dict, slot_map_row: np.ndarray) -> dict[str, np.ndarray]:
+  """A layer's pool [S, ...] and slot map row [E] -> logical experts {name: [E, ...]}."""
+  if np.array_equal(slot_map_row, np.arange(pool["w1"].shape[0])):
+    return {n: np.asarray(pool[n]) for n in EXPERT_NAMES}  # a plain checkpoint: no copy
+  return {n: np.asarray(pool[n])[slot_map_row] for n in EXPERT_NAMES}

@@ -1,0 +1,267 @@
+"""Multi-tenant stores: one shared expert pool, K backbones, K slot maps.
+
+A store folder (written atomically by `store_writer`, read by `load_store`):
+  store.json                   {"format": 1, "kind": "jaxmoe-store", "config",
+                                "tenants", "slots_per_layer", "slot_maps",
+                                "bytes", ...} plus what the writer's caller
+                                adds (metric, owner policy, per-position
+                                distances and groups)
+  pool/layer_NNNN              orbax {w1 [S_l, D, F], w3 [S_l, D, F], w2 [S_l, F, D]}
+  backbones/<tenant>/globals   orbax {embed, norm, lm_head}
+  backbones/<tenant>/layer_NNNN  orbax, that tenant's layer (attention, norms, router)
+  backbones/<tenant>/tokenizer.json ...  copied from the tenant's checkpoint
+
+Tenant t's model is {"backbone": backbones[t], "experts": pool, "slot_map":
+slot_maps[t]}: the params.py layout with a pool shared by every tenant.
+
+Axis legend: L layers, E experts, S pool slots, D model dim, F ffn dim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import re
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxmoe import checkpoint
+from jaxmoe.api import Model
+from jaxmoe.config import MixtralConfig
+from jaxmoe.moe import Impl
+from jaxmoe.params import (
+  EXPERT_NAMES,
+  Params,
+  abstract_params,
+  check_params,
+  expert_shapes,
+  identity_slot_map,
+)
+from jaxmoe.tokenizer import load_tokenizer
+
+FORMAT_VERSION = 1
+KIND = "jaxmoe-store"
+HEADER = "store.json"
+GLOBAL_NAMES = ("embed", "norm", "lm_head")
+# Tenant names become folder names: a letter or digit, then letters, digits, '.', '_' or '-'.
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class StoreError(ValueError):
+  """A store folder that cannot be read or written."""
+
+
+def check_tenant_names(names: list[str]) -> None:
+  """Raises StoreError unless the names are unique (ignoring case) and safe as folder names."""
+  seen: dict[str, str] = {}
+  for name in names:
+    if not isinstance(name, str) or not TENANT_NAME.fullmatch(name):
+      raise StoreError(f"tenant name {name!r} is not safe as a file name: use 1-64 letters, digits, "
+                       "'.', '_' or '-', starting with a letter or digit")
+    if name.lower() in seen:
+      other = seen[name.lower()]
+      also = "" if other == name else f" (names differ only in case from {other!r})"
+      raise StoreError(f"duplicate tenant name {name!r}{also}")
+    seen[name.lower()] = name
+
+
+def tree_bytes(tree) -> int:
+  return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
+
+
+def expert_bytes(cfg: MixtralConfig) -> int:
+  """Bytes of one expert (w1, w3, w2) in the config's dtype."""
+  shapes = expert_shapes(cfg, 1)
+  return sum(int(np.prod(shapes[n])) for n in EXPERT_NAMES) * np.dtype(cfg.dtype).itemsize
+
+
+class StoreWriter:
+  """Writes a store part by part; the pool and backbones one layer at a time."""
+
+  def __init__(self, folder: pathlib.Path, cfg: MixtralConfig, tenants: list[str]):
+    check_tenant_names(tenants)
+    self.folder, self.cfg, self.tenants = folder, cfg, list(tenants)
+    self.slots: dict[int, int] = {}
+    self.pool_bytes = 0
+    self.backbone_bytes = {t: 0 for t in self.tenants}
+    self._parts = {t: set() for t in self.tenants}
+    # The checkpoint Writer's checkpointer: no defensive copy of host arrays (we wait on every save).
+    self._ckptr = checkpoint._part_checkpointer()
+
+  def _save(self, rel: str, tree) -> None:
+    self._ckptr.save(self.folder / rel, args=ocp.args.PyTreeSave(tree))
+    self._ckptr.wait_until_finished()
+
+  def _tenant(self, name: str) -> str:
+    if name not in self._parts:
+      raise StoreError(f"unknown tenant {name!r}; this store has {self.tenants}")
+    return name
+
+  def write_backbone_globals(self, name: str, glob: dict) -> None:
+    tree = {k: glob[k] for k in GLOBAL_NAMES}
+    self._save(f"backbones/{self._tenant(name)}/globals", tree)
+    self.backbone_bytes[name] += tree_bytes(tree)
+    self._parts[name].add("globals")
+
+  def write_backbone_layer(self, name: str, index: int, layer: dict) -> None:
+    self._save(f"backbones/{self._tenant(name)}/layer_{index:04d}", layer)
+    self.backbone_bytes[name] += tree_bytes(layer)
+    self._parts[name].add(index)
+
+  def write_pool_layer(self, index: int, pool: dict) -> None:
+    tree = {n: pool[n] for n in EXPERT_NAMES}
+    self.slots[index] = int(tree["w1"].shape[0])
+    self._save(f"pool/layer_{index:04d}", tree)
+    self.pool_bytes += tree_bytes(tree)
+
+  def copy_tokenizer(self, name: str, src: str | os.PathLike) -> None:
+    dst = self.folder / "backbones" / self._tenant(name)
+    dst.mkdir(parents=True, exist_ok=True)
+    checkpoint.copy_tokenizer(src, dst)
+
+  def byte_counts(self) -> dict:
+    """What the written arrays take, and what K plain checkpoints would."""
+    full_experts = self.cfg.num_layers * self.cfg.num_experts * expert_bytes(self.cfg)
+    backbones_total = sum(self.backbone_bytes.values())
+    full = {t: self.backbone_bytes[t] + full_experts for t in self.tenants}
+    total = self.pool_bytes + backbones_total
+    return {
+        "expert": expert_bytes(self.cfg),
+        "pool": self.pool_bytes,
+        "backbones": dict(self.backbone_bytes),
+        "backbones_total": backbones_total,
+        "total": total,  # pool + backbones: every array in the store
+        "swap_resident": self.pool_bytes + max(self.backbone_bytes.values()),
+        "full_copy": full,
+        "full_copies": sum(full.values()),
+        "slot_maps": len(self.tenants) * self.cfg.num_layers * self.cfg.num_experts * 4,
+    }
+
+  def finish(self, slot_maps: dict[str, np.ndarray], extra: dict | None = None) -> dict:
+    """Checks completeness, writes store.json, returns its content."""
+    layers = set(range(self.cfg.num_layers))
+    missing = sorted(layers - set(self.slots))
+    if missing:
+      raise StoreError(f"store incomplete: pool layers {missing} not written")
+    for t in self.tenants:
+      if self._parts[t] != layers | {"globals"}:
+        raise StoreError(f"store incomplete: backbone of tenant {t!r}")
+    slots = [self.slots[i] for i in range(self.cfg.num_layers)]
+    maps = {t: np.asarray(slot_maps[t], np.int32) for t in self.tenants}
+    for t, m in maps.items():
+      if m.shape != (self.cfg.num_layers, self.cfg.num_experts) or m.min() < 0 or \
+          np.any(m >= np.asarray(slots)[:, None]):
+        raise StoreError(f"slot map of tenant {t!r} does not fit the pool {slots}")
+    header = {
+        "format": FORMAT_VERSION,
+        "kind": KIND,
+        "config": json.loads(self.cfg.to_json()),
+        "tenants": self.tenants,
+        "slots_per_layer": slots,
+        "slot_maps": {t: m.tolist() for t, m in maps.items()},
+        "bytes": self.byte_counts(),
+        **(extra or {}),
+    }
+    (self.folder / HEADER).write_text(json.dumps(header, indent=1))
+    self._ckptr.close()
+    return header
+
+
+@contextlib.contextmanager
+def store_writer(out: str | os.PathLike, cfg: MixtralConfig, tenants: list[str]) -> Iterator[StoreWriter]:
+  """Atomic part-wise store writer; call `finish(slot_maps)` before the block ends."""
+  with checkpoint.atomic_dir(out) as tmp:
+    w = StoreWriter(tmp, cfg, tenants)
+    yield w
+    if not (tmp / HEADER).is_file():
+      raise StoreError("store writer closed without finish()")
+
+
+def read_store_header(path: str | os.PathLike) -> dict:
+  path = pathlib.Path(path)
+  header_path = path / HEADER
+  if not header_path.is_file():
+    raise StoreError(f"{path} is not a jaxmoe store: {HEADER} is missing")
+  header = json.loads(header_path.read_text())
+  if header.get("kind") != KIND or header.get("format") != FORMAT_VERSION:
+    raise StoreError(f"{header_path}: kind {header.get('kind')!r} format {header.get('format')!r}, "
+                     f"expected {KIND!r} format {FORMAT_VERSION}")
+  return header
+
+
+class Store:
+  """A loaded store: host arrays, plus one device copy of the pool shared by all tenants."""
+
+  def __init__(self, path: pathlib.Path, metadata: dict, pool: list[dict], backbones: dict[str, Params]):
+    self.path = path
+    self.metadata = metadata
+    self.config = MixtralConfig.from_json(json.dumps(metadata["config"]))
+    self.tenants: list[str] = list(metadata["tenants"])
+    self.pool = pool  # [L] of {w1, w3, w2} [S_l, ...]
+    self.backbones = backbones
+    self.slot_maps = {t: np.asarray(metadata["slot_maps"][t], np.int32) for t in self.tenants}
+    self._device_pool = None
+    self._models: dict[tuple[str, Impl], Model] = {}
+
+  def params(self, name: str) -> Params:
+    """Tenant `name` in the params.py layout, over the host pool."""
+    return {"backbone": self.backbones[self._check(name)], "experts": self.pool,
+            "slot_map": self.slot_maps[name]}
+
+  def export_params(self, name: str) -> Params:
+    """Tenant `name` as a plain model: its experts gathered from the pool (S = E, identity map).
+
+    What `checkpoint.save` needs to write the tenant back out as an ordinary checkpoint.
+    """
+    smap = self.slot_maps[self._check(name)]
+    experts = [{n: pool[n][smap[l]] for n in EXPERT_NAMES} for l, pool in enumerate(self.pool)]
+    return {"backbone": self.backbones[name], "experts": experts,
+            "slot_map": identity_slot_map(self.config)}
+
+  def device_pool(self) -> list[dict]:
+    """The pool on the default device, transferred once and reused by every tenant's model."""
+    if self._device_pool is None:
+      self._device_pool = jax.device_put(self.pool)
+    return self._device_pool
+
+  def model(self, name: str, impl: Impl = Impl.AUTO) -> Model:
+    """Tenant `name` as a `jaxmoe.Model` (like `jaxmoe.load` on its own checkpoint)."""
+    key = (self._check(name), impl)
+    if key not in self._models:
+      params = {**self.params(name), "experts": self.device_pool()}
+      tok = load_tokenizer(self.path / "backbones" / name, self.config)
+      self._models[key] = Model(self.config, params, tok, impl)
+    return self._models[key]
+
+  def _check(self, name: str) -> str:
+    if name not in self.backbones:
+      raise ValueError(f"unknown tenant {name!r}; this store has {self.tenants}")
+    return name
+
+
+def load_store(path: str | os.PathLike) -> Store:
+  """Reads a store (from `jaxmoe-consolidate`) into host memory."""
+  path = pathlib.Path(path).absolute()
+  header = read_store_header(path)
+  check_tenant_names(header["tenants"])
+  cfg = MixtralConfig.from_json(json.dumps(header["config"]))
+  slots = header["slots_per_layer"]
+  target = abstract_params(cfg, slots)
+  bb = target["backbone"]
+  with ocp.StandardCheckpointer() as ckptr:
+    read = lambda rel, t: checkpoint.restore_part(ckptr, path / rel, t)
+    pool = [read(f"pool/layer_{i:04d}", target["experts"][i]) for i in range(cfg.num_layers)]
+    backbones = {}
+    for t in header["tenants"]:
+      glob = read(f"backbones/{t}/globals", {k: bb[k] for k in GLOBAL_NAMES})
+      layers = [read(f"backbones/{t}/layer_{i:04d}", bb["layers"][i]) for i in range(cfg.num_layers)]
+      backbones[t] = {**glob, "layers": layers}
+  store = Store(path, header, pool, backbones)
+  for t in store.tenants:
+    check_params(cfg, store.params(t))
+  return store
