@@ -168,7 +168,8 @@ def moe_slots(x, router_logits, slot_map, pool, spec: MoeSpec):
   tenant's logits bit-identical on CPUs. Costs S expert products per token.
   """
   weights, experts = routing(router_logits, spec)
-  slots = expert_slots(experts, slot_map)  # [T, K]
+  slots = expert_slots(experts, jnp.asarray(slot_map))  # [T, K]
+  pool = jax.tree.map(jnp.asarray, pool)  # numpy pools cannot be indexed by the loop counter
   names, expert = expert_kind(pool)
 
   def body(s, acc):  # acc [K, T, D]
