@@ -20,6 +20,7 @@ Axis legend: L layers, E experts, S pool slots, D model dim, F ffn dim.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import pathlib
@@ -228,6 +229,11 @@ class Store:
     if self._device_pool is None:
       self._device_pool = jax.device_put(self.pool)
     return self._device_pool
+
+  @functools.cached_property
+  def tokenizer(self):
+    """The tokenizer the serving engine uses: the first tenant's (fine-tunes of one base share it)."""
+    return load_tokenizer(self.path / "backbones" / self.tenants[0], self.config)
 
   def model(self, name: str, impl: Impl = Impl.AUTO) -> Model:
     """Tenant `name` as a `jaxmoe.Model` (like `jaxmoe.load` on its own checkpoint)."""
