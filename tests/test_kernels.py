@@ -179,7 +179,7 @@ def test_auto_picks_pallas_on_gpu(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert moe_lib.resolve(Impl.AUTO) is Impl.PALLAS
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-  assert moe_lib.resolve(Impl.AUTO) is Impl.RAGGED
+  assert moe_lib.resolve(Impl.AUTO) is Impl.SLOTS
 
 
 @pytest.mark.parametrize(
