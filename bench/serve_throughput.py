@@ -7,9 +7,9 @@ base), runs the same interleaved workload (fixed prompt length, fixed output
 length, EOS ignored by using an EOS id the model never sees) through
 `jaxmoe.serving.Engine` for: one tenant alone (a one-tenant store, the
 reference), and K tenants in swap, resident and mixed modes, at the same
-max_batch. Every system runs once to compile, then `repeats` timed runs; the
-median tokens/s and its ratio to the single model are printed and written as
-JSON to --out.
+max_batch. Every system runs once to compile, then `repeats` timed rounds
+that run the systems in turn; the median tokens/s and its ratio to the single
+model are printed and written as JSON to --out.
 """
 
 from __future__ import annotations
@@ -75,14 +75,20 @@ def main(argv):
   t0 = store.tenants[0]
   single = MemoryStore(cfg, [t0], store.pool, {t0: store.backbones[t0]}, {t0: store.slot_maps[t0]})
   systems = [("single", single, Mode.RESIDENT)] + [(m.value, store, m) for m in Mode]
-  results = {}
+  reqs = {name: workload(st.tenants, FLAGS.requests, FLAGS.prompt_len, FLAGS.max_tokens)
+          for name, st, _ in systems}
   for name, st, mode in systems:
-    reqs = workload(st.tenants, FLAGS.requests, FLAGS.prompt_len, FLAGS.max_tokens)
-    timed_run(st, mode, reqs)  # compiles every bucket the timed runs use
-    runs = [timed_run(st, mode, reqs) for _ in range(FLAGS.repeats)]
-    rates = [r[0] for r in runs]
+    timed_run(st, mode, reqs[name])  # compiles every bucket the timed runs use
+  # Round-robin over the systems, so load drift on a shared machine hits them alike.
+  runs = {name: [] for name, _, _ in systems}
+  for _ in range(FLAGS.repeats):
+    for name, st, mode in systems:
+      runs[name].append(timed_run(st, mode, reqs[name]))
+  results = {}
+  for name, _, _ in systems:
+    rates = [r[0] for r in runs[name]]
     results[name] = {"tokens_per_s_median": statistics.median(rates), "tokens_per_s_runs": rates,
-                     "switches": runs[-1][1]["switches"], "switch_s": runs[-1][1]["switch_s"]}
+                     "switches": runs[name][-1][1]["switches"], "switch_s": runs[name][-1][1]["switch_s"]}
     print(f"{name:9s} {statistics.median(rates):9.1f} tokens/s  runs {[round(r, 1) for r in rates]}",
           flush=True)
   ref = results["single"]["tokens_per_s_median"]

@@ -1,4 +1,6 @@
-"""`jaxmoe-convert`: a Hugging Face Mixtral safetensors folder -> a jaxmoe checkpoint.
+"""`jaxmoe-convert`: a Hugging Face Mixtral or Switch safetensors folder -> a jaxmoe checkpoint.
+
+The architecture comes from config.json's model_type ("mixtral", "switch_transformers").
 
   jaxmoe-convert --hf_dir=DIR --out=DIR [--dtype=bfloat16|float16|float32]
 
@@ -39,7 +41,8 @@ def main(argv: list[str]) -> int:
   except USER_ERRORS as e:
     print(f"jaxmoe-convert: error: {e}", file=sys.stderr)
     return 1
-  print(f"wrote {_OUT.value}: {cfg.num_layers} layers, {cfg.num_experts} experts, {cfg.dtype}")
+  print(f"wrote {_OUT.value}: {cfg.architecture}, {cfg.num_moe_layers} MoE layers, "
+        f"{cfg.num_experts} experts, {cfg.dtype}")
   return 0
 
 

@@ -1,5 +1,9 @@
 """Hugging Face Mixtral safetensors -> jaxmoe checkpoint, one layer at a time.
 
+config.json's model_type picks the family: "mixtral" here, and
+"switch_transformers" in `switch_convert` (same checks, same atomic part-wise
+output); anything else is refused by name.
+
 The converter first reads only the safetensors headers and checks every
 tensor name and shape against config.json (`mixtral_keys` says what must be
 there), so a bad checkpoint fails before anything is written. It then reads
@@ -30,8 +34,12 @@ from tqdm import tqdm
 
 from checkpoints_convert import mixtral_keys as keys
 from jaxmoe import checkpoint
-from jaxmoe.config import MixtralConfig
+from jaxmoe.config import ConfigError, MixtralConfig
 from jaxmoe.params import expert_shapes, identity_slot_map
+from jaxmoe.switch_config import SwitchConfig
+
+# config.json model_type -> the jaxmoe config class that reads it.
+ARCHITECTURES = {"mixtral": MixtralConfig, "switch_transformers": SwitchConfig}
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS = "model.safetensors"
@@ -66,8 +74,9 @@ def resolve_dtype(hf: dict, dtype: str | None) -> str:
   return dtype
 
 
-def read_config(hf_dir: str | os.PathLike, dtype: str | None = None) -> MixtralConfig:
-  """Reads `hf_dir/config.json`; raises ConversionError or ConfigError naming the problem."""
+def read_config(hf_dir: str | os.PathLike, dtype: str | None = None) -> MixtralConfig | SwitchConfig:
+  """Reads `hf_dir/config.json` into the config its model_type names; raises ConversionError or
+  ConfigError naming the problem."""
   path = pathlib.Path(hf_dir) / CONFIG_NAME
   if not path.is_file():
     raise ConversionError(f"{path} not found: a Hugging Face model folder needs {CONFIG_NAME}")
@@ -77,7 +86,11 @@ def read_config(hf_dir: str | os.PathLike, dtype: str | None = None) -> MixtralC
     raise ConversionError(f"{path}: not valid JSON ({e})") from e
   if not isinstance(hf, dict):
     raise ConversionError(f"{path}: expected a JSON object, got {type(hf).__name__}")
-  return MixtralConfig.from_hf(hf, dtype=resolve_dtype(hf, dtype))
+  model_type = hf.get("model_type")
+  if model_type not in ARCHITECTURES:
+    raise ConfigError(f"config.json: model_type={model_type!r} unsupported; jaxmoe converts "
+                      f"{' and '.join(repr(k) for k in ARCHITECTURES)}")
+  return ARCHITECTURES[model_type].from_hf(hf, dtype=resolve_dtype(hf, dtype))
 
 
 def _refuse_pickles(hf_dir: pathlib.Path) -> None:
@@ -195,8 +208,8 @@ def convert(
     out: str | os.PathLike,
     dtype: str | None = None,
     progress: bool | None = None,
-) -> MixtralConfig:
-  """Converts a HF Mixtral safetensors folder into a jaxmoe checkpoint at `out`.
+) -> MixtralConfig | SwitchConfig:
+  """Converts a HF Mixtral or Switch Transformers safetensors folder into a jaxmoe checkpoint at `out`.
 
   Args:
     hf_dir: folder with config.json and model.safetensors or a sharded
@@ -208,7 +221,7 @@ def convert(
     progress: tqdm bar over layers on stderr; None shows it when stderr is a tty.
 
   Returns:
-    The MixtralConfig written to the checkpoint header.
+    The config written to the checkpoint header (MixtralConfig or SwitchConfig).
   """
   hf_dir, out = pathlib.Path(hf_dir), pathlib.Path(out)
   if out.exists():
@@ -217,6 +230,10 @@ def convert(
     raise ConversionError(f"{hf_dir} is not a folder")
   cfg = read_config(hf_dir, dtype)
   index = index_tensors(find_weights(hf_dir))
+  if cfg.architecture == "switch":
+    from checkpoints_convert.switch_convert import convert_switch
+
+    return convert_switch(hf_dir, out, cfg, index, progress)
   layout = check_tensors(index, cfg)
   target = jnp.dtype(cfg.dtype)
   with checkpoint.writer(out, cfg) as w:

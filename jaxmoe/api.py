@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe import checkpoint, sampling
+from jaxmoe import checkpoint, layouts, sampling
 from jaxmoe.config import MixtralConfig
 from jaxmoe.models import mixtral
 from jaxmoe.moe import Impl
-from jaxmoe.params import Params, check_params
+from jaxmoe.params import Params
 from jaxmoe.tokenizer import Tokenizer, load_tokenizer
 
 CACHE_BLOCK = 64  # cache lengths are rounded up to this: few compiled shapes
@@ -33,7 +33,7 @@ class Model:
 
   def __init__(self, cfg: MixtralConfig, params: Params, tokenizer: Tokenizer | None = None,
                impl: Impl = Impl.AUTO):
-    check_params(cfg, params)
+    layouts.layout(cfg).check_params(cfg, params)
     self.config = cfg
     self.params = jax.device_put(params)
     self.tokenizer = tokenizer
@@ -149,7 +149,34 @@ class Model:
     return self.tokenizer.decode(ids)
 
 
-def load(path: str | os.PathLike, impl: Impl = Impl.AUTO) -> Model:
-  """Loads a jaxmoe checkpoint (from `jaxmoe-convert`) onto the default device."""
+def model_for(cfg, params: Params, tokenizer: Tokenizer | None = None, impl: Impl = Impl.AUTO) -> Model:
+  """The public model object of `cfg`'s architecture: `Model`, or `SwitchModel` for Switch."""
+  if cfg.architecture == "switch":
+    from jaxmoe.switch_api import SwitchModel
+
+    return SwitchModel(cfg, params, tokenizer, impl)
+  return Model(cfg, params, tokenizer, impl)
+
+
+def load(path: str | os.PathLike, impl: Impl = Impl.AUTO, routing=None) -> Model:
+  """Loads a jaxmoe checkpoint (from `jaxmoe-convert`) onto the default device.
+
+  A Switch checkpoint gives a `jaxmoe.switch_api.SwitchModel` (encoder-decoder
+  `logits` and `generate`); `routing` applies to Switch only: "hf_capacity"
+  (the default here: transformers' expert capacity, so a converted model gives
+  HF's numbers) or "dropless" (every token reaches its expert; the serving
+  engine's default).
+  """
   cfg, params = checkpoint.load(path)
-  return Model(cfg, params, load_tokenizer(path, cfg), impl)
+  return model_for(single_model_config(cfg, routing, path), params, load_tokenizer(path, cfg), impl)
+
+
+def single_model_config(cfg, routing=None, where=""):
+  """The config a single-model API runs: Switch defaults to HF's capacity routing."""
+  if cfg.architecture != "switch":
+    if routing is not None:
+      raise ValueError(f"routing={routing!r} applies to Switch models; {where} is {cfg.architecture}")
+    return cfg
+  from jaxmoe.switch_config import Routing
+
+  return cfg.replace(routing=Routing(routing or Routing.HF_CAPACITY))

@@ -1,10 +1,12 @@
 """jaxmoe checkpoints: an orbax parameter tree plus a small JSON header.
 
 A checkpoint folder holds
-  jaxmoe.json   {"format": 1, "config": {...}, "slots_per_layer": [...],
-                 "slot_map": [[...]]}
-  params/globals, params/layer_NNNN
-                orbax StandardCheckpointer trees, together the layout of params.py
+  jaxmoe.json   {"format": 1, "config": {..., "architecture": ...},
+                 "slots_per_layer": [...], "slot_map": [[...]]}
+  params/<part> orbax StandardCheckpointer trees, together the layout of the
+                architecture (jaxmoe.layouts): Mixtral's globals and layer_NNNN
+                (params.py), Switch's globals, encoder_NNNN and decoder_NNNN
+                (switch_params.py); a part with an MoE layer holds its pool
   tokenizer.json, tokenizer_config.json, ... copied from the source when present
 
 Writes go to a temporary sibling folder renamed into place at the end, so a
@@ -25,8 +27,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxmoe.config import MixtralConfig
-from jaxmoe.params import Params, abstract_params, check_params
+from jaxmoe import layouts
+from jaxmoe.params import Params
 
 FORMAT_VERSION = 1
 HEADER = "jaxmoe.json"
@@ -74,44 +76,60 @@ def _part_checkpointer() -> ocp.AsyncCheckpointer:
 class Writer:
   """Writes a checkpoint part by part so a converter holds one layer at a time.
 
-  Parts: params/globals (embed, norm, lm_head) and params/layer_NNNN (that
-  layer's backbone weights and expert pool), each an orbax tree.
+  Parts are the architecture's (`layouts.layout(cfg).part_names`), each an
+  orbax tree; Mixtral's: params/globals (embed, norm, lm_head) and
+  params/layer_NNNN (that layer's backbone weights and expert pool).
   """
 
-  def __init__(self, folder: pathlib.Path, cfg: MixtralConfig):
+  def __init__(self, folder: pathlib.Path, cfg: layouts.Config):
     self.folder, self.cfg = folder, cfg
-    self.slots: dict[int, int] = {}
-    self.wrote_globals = False
+    self.layout = layouts.layout(cfg)
+    self.slots: dict[int, int] = {}  # MoE layer -> pool slots
+    self.written: set[str] = set()
+    self._moe_index = {name: m for m, name in enumerate(self.layout.moe_parts(cfg))}
     self._ckptr = _part_checkpointer()
 
   def _save(self, name: str, tree) -> None:
     self._ckptr.save(self.folder / "params" / name, args=ocp.args.PyTreeSave(tree))
     self._ckptr.wait_until_finished()
 
+  def write_part(self, name: str, tree: dict) -> None:
+    """One part: {"backbone": ..., "experts": pool} for a part with an MoE layer."""
+    if name not in self.layout.part_names(self.cfg):
+      raise CheckpointError(f"part {name!r} is not in the {self.cfg.architecture} layout")
+    if name in self._moe_index:
+      self.slots[self._moe_index[name]] = int(next(iter(tree["experts"].values())).shape[0])
+    self._save(name, tree)
+    self.written.add(name)
+
+  @property
+  def wrote_globals(self) -> bool:
+    return "globals" in self.written
+
   def write_globals(self, embed, norm, lm_head) -> None:
-    self._save("globals", {"embed": embed, "norm": norm, "lm_head": lm_head})
-    self.wrote_globals = True
+    """Mixtral's globals part."""
+    self.write_part("globals", {"embed": embed, "norm": norm, "lm_head": lm_head})
 
   def write_layer(self, index: int, layer: dict, pool: dict) -> None:
-    self.slots[index] = int(pool["w1"].shape[0])
-    self._save(f"layer_{index:04d}", {"backbone": layer, "experts": pool})
+    """Mixtral's layer part: backbone layer and expert pool."""
+    self.write_part(f"layer_{index:04d}", {"backbone": layer, "experts": pool})
 
   def finish(self, slot_map: np.ndarray) -> None:
-    missing = [i for i in range(self.cfg.num_layers) if i not in self.slots]
-    if missing or not self.wrote_globals:
-      raise CheckpointError(f"checkpoint incomplete: layers {missing} globals={self.wrote_globals}")
+    missing = [n for n in self.layout.part_names(self.cfg) if n not in self.written]
+    if missing:
+      raise CheckpointError(f"checkpoint incomplete: parts {missing} not written")
     header = {
         "format": FORMAT_VERSION,
         "config": json.loads(self.cfg.to_json()),
-        "slots_per_layer": [self.slots[i] for i in range(self.cfg.num_layers)],
-        "slot_map": np.asarray(slot_map, np.int32).tolist(),
+        "slots_per_layer": [self.slots[m] for m in range(self.cfg.num_moe_layers)],
+        "slot_map": np.asarray(slot_map, np.int32).reshape(self.cfg.num_moe_layers, -1).tolist(),
     }
     (self.folder / HEADER).write_text(json.dumps(header, indent=2))
     self._ckptr.close()
 
 
 @contextlib.contextmanager
-def writer(out: str | os.PathLike, cfg: MixtralConfig) -> Iterator[Writer]:
+def writer(out: str | os.PathLike, cfg: layouts.Config) -> Iterator[Writer]:
   """Atomic part-wise writer; call `finish(slot_map)` before the block ends."""
   with atomic_dir(out) as tmp:
     w = Writer(tmp, cfg)
@@ -120,14 +138,13 @@ def writer(out: str | os.PathLike, cfg: MixtralConfig) -> Iterator[Writer]:
       raise CheckpointError("checkpoint writer closed without finish()")
 
 
-def save(out: str | os.PathLike, cfg: MixtralConfig, params: Params, tokenizer_dir=None) -> None:
+def save(out: str | os.PathLike, cfg: layouts.Config, params: Params, tokenizer_dir=None) -> None:
   """Writes a whole in-memory model atomically; `tokenizer_dir` supplies tokenizer files."""
-  check_params(cfg, params)
-  bb = params["backbone"]
+  layout = layouts.layout(cfg)
+  layout.check_params(cfg, params)
   with writer(out, cfg) as w:
-    w.write_globals(bb["embed"], bb["norm"], bb["lm_head"])
-    for i, (layer, pool) in enumerate(zip(bb["layers"], params["experts"])):
-      w.write_layer(i, layer, pool)
+    for name, tree in layout.split_parts(cfg, params).items():
+      w.write_part(name, tree)
     if tokenizer_dir is not None:
       copy_tokenizer(tokenizer_dir, w.folder)
     w.finish(params["slot_map"])
@@ -148,7 +165,7 @@ def read_header(path: str | os.PathLike) -> dict:
   header = json.loads(header_path.read_text())
   if header.get("format") != FORMAT_VERSION:
     raise CheckpointError(f"{header_path}: format {header.get('format')!r}, expected {FORMAT_VERSION}")
-  header["config"] = MixtralConfig.from_json(json.dumps(header["config"]))
+  header["config"] = layouts.config_from_dict(header["config"])
   return header
 
 
@@ -174,40 +191,41 @@ class Reader:
   def __init__(self, path: str | os.PathLike):
     self.path = pathlib.Path(path).absolute()
     self.header = read_header(self.path)
-    self.config: MixtralConfig = self.header["config"]
+    self.config: layouts.Config = self.header["config"]
+    self.layout = layouts.layout(self.config)
     self.slots_per_layer: list[int] = list(self.header["slots_per_layer"])
-    self.slot_map = np.asarray(self.header["slot_map"], np.int32)  # [L, E]
-    self.target = abstract_params(self.config, self.slots_per_layer)
+    self.slot_map = np.asarray(self.header["slot_map"], np.int32).reshape(self.config.num_moe_layers, -1)
+    self.target = self.layout.abstract_params(self.config, self.slots_per_layer)
+    self.targets = self.layout.split_parts(self.config, self.target)
     self._ckptr = ocp.StandardCheckpointer()
 
   def part_names(self) -> list[str]:
-    return ["globals"] + [f"layer_{i:04d}" for i in range(self.config.num_layers)]
+    return self.layout.part_names(self.config)
 
   def expected_shapes(self, name: str) -> dict:
     """What `part_shapes(name)` must be for this header's config, same keys."""
-    bb = self.target["backbone"]
-    if name == "globals":
-      tree = {k: bb[k] for k in ("embed", "norm", "lm_head")}
-    else:
-      i = int(name.removeprefix("layer_"))
-      tree = {"backbone": bb["layers"][i], "experts": self.target["experts"][i]}
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    flat = jax.tree_util.tree_flatten_with_path(self.targets[name])[0]
     key = lambda path: "/".join(str(k.key) for k in path)
     return {key(p): (tuple(s.shape), np.dtype(s.dtype).name) for p, s in flat}
 
   def part_shapes(self, name: str) -> dict:
     return part_shapes(self._ckptr, self.path / "params" / name)
 
+  def read_part(self, name: str) -> dict:
+    """One part's tree of host arrays (`layouts.layout(config).split_parts`)."""
+    return restore_part(self._ckptr, self.path / "params" / name, self.targets[name])
+
+  def read_pool(self, m: int) -> dict:
+    """The expert pool of MoE layer m {name: [S_m, ...]}."""
+    return self.read_part(self.layout.moe_parts(self.config)[m])["experts"]
+
   def read_globals(self) -> dict:
-    """{"embed", "norm", "lm_head"}."""
-    bb = self.target["backbone"]
-    return restore_part(self._ckptr, self.path / "params" / "globals",
-                        {k: bb[k] for k in ("embed", "norm", "lm_head")})
+    """The globals part: Mixtral's {"embed", "norm", "lm_head"}."""
+    return self.read_part("globals")
 
   def read_layer(self, i: int) -> tuple[dict, dict]:
-    """(backbone layer i, expert pool of layer i {w1, w3, w2} [S_i, ...])."""
-    target = {"backbone": self.target["backbone"]["layers"][i], "experts": self.target["experts"][i]}
-    out = restore_part(self._ckptr, self.path / "params" / f"layer_{i:04d}", target)
+    """Mixtral: (backbone layer i, expert pool of layer i {w1, w3, w2} [S_i, ...])."""
+    out = self.read_part(f"layer_{i:04d}")
     return out["backbone"], out["experts"]
 
   def close(self) -> None:
@@ -224,16 +242,10 @@ def reader(path: str | os.PathLike) -> Iterator[Reader]:
     r.close()
 
 
-def load(path: str | os.PathLike) -> tuple[MixtralConfig, Params]:
+def load(path: str | os.PathLike) -> tuple[layouts.Config, Params]:
   """Reads a checkpoint into host numpy arrays: (config, params)."""
   with reader(path) as r:
     cfg = r.config
-    glob = r.read_globals()
-    layers = [r.read_layer(i) for i in range(cfg.num_layers)]
-  params = {
-      "backbone": {**glob, "layers": [layer for layer, _ in layers]},
-      "experts": [pool for _, pool in layers],
-      "slot_map": r.slot_map,
-  }
-  check_params(cfg, params)
+    params = r.layout.join_parts(cfg, {name: r.read_part(name) for name in r.part_names()}, r.slot_map)
+  r.layout.check_params(cfg, params)
   return cfg, params

@@ -69,6 +69,11 @@ class MixtralConfig:
     """G: query heads per key/value head."""
     return self.num_heads // self.num_kv_heads
 
+  @property
+  def num_moe_layers(self) -> int:
+    """L of the slot map [L, E]: every Mixtral layer is an MoE layer."""
+    return self.num_layers
+
   @classmethod
   def from_hf(cls, hf: dict[str, Any], dtype: str = "float32") -> MixtralConfig:
     """Builds a config from a HF Mixtral `config.json` dict."""

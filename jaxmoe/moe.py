@@ -212,7 +212,7 @@ def pallas_supports(pool, spec: MoeSpec) -> bool:
 
 
 def resolve(impl: Impl, pool=None, spec: MoeSpec | None = None) -> Impl:
-  """AUTO -> the per-slot loop off GPUs; on GPUs Pallas where it applies (`pallas_supports`), else ragged_dot."""
+  """AUTO -> the per-slot loop off GPUs; on GPUs Pallas where `pallas_supports`, else ragged_dot."""
   if impl is not Impl.AUTO:
     return impl
   if jax.default_backend() != "gpu":

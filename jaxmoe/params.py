@@ -137,3 +137,32 @@ def check_params(cfg: MixtralConfig, params: Params) -> None:
   smap = np.asarray(params["slot_map"])
   if smap.min() < 0 or np.any(smap >= np.asarray(slots)[:, None]):
     raise LayoutError("slot_map points outside its layer's expert pool")
+
+
+# Checkpoint parts: globals {embed, norm, lm_head}; layer_NNNN {backbone: layer, experts: pool}.
+def part_names(cfg: MixtralConfig) -> list[str]:
+  return ["globals"] + [f"layer_{i:04d}" for i in range(cfg.num_layers)]
+
+
+def moe_parts(cfg: MixtralConfig) -> list[str]:
+  """The part holding each MoE layer's pool, in slot-map order."""
+  return [f"layer_{i:04d}" for i in range(cfg.num_layers)]
+
+
+def split_parts(cfg: MixtralConfig, params: Params) -> dict[str, dict]:
+  """params (or a tree of the same structure) -> {part name: tree}."""
+  bb = params["backbone"]
+  parts = {"globals": {k: bb[k] for k in ("embed", "norm", "lm_head")}}
+  for i, (layer, pool) in enumerate(zip(bb["layers"], params["experts"])):
+    parts[f"layer_{i:04d}"] = {"backbone": layer, "experts": pool}
+  return parts
+
+
+def join_parts(cfg: MixtralConfig, parts: dict[str, dict], slot_map) -> Params:
+  """The inverse of `split_parts`."""
+  layers = [parts[name] for name in moe_parts(cfg)]
+  return {
+      "backbone": {**parts["globals"], "layers": [p["backbone"] for p in layers]},
+      "experts": [p["experts"] for p in layers],
+      "slot_map": slot_map,
+  }

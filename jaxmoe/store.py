@@ -14,6 +14,10 @@ A store folder (written atomically by `store_writer`, read by `load_store`):
 Tenant t's model is {"backbone": backbones[t], "experts": pool, "slot_map":
 slot_maps[t]}: the params.py layout with a pool shared by every tenant.
 
+Other architectures (jaxmoe.layouts) store the same way: a tenant's backbone
+as its checkpoint parts' backbone trees (Switch: globals, encoder_NNNN,
+decoder_NNNN), pool/layer_NNNN per MoE layer with that family's expert leaves.
+
 Axis legend: L layers, E experts, S pool slots, D model dim, F ffn dim.
 """
 
@@ -31,24 +35,17 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxmoe import checkpoint
-from jaxmoe.api import Model
+from jaxmoe import checkpoint, layouts
+from jaxmoe.api import Model, model_for, single_model_config
 from jaxmoe.config import MixtralConfig
 from jaxmoe.moe import Impl
-from jaxmoe.params import (
-  EXPERT_NAMES,
-  Params,
-  abstract_params,
-  check_params,
-  expert_shapes,
-  identity_slot_map,
-)
+from jaxmoe.params import Params
 from jaxmoe.tokenizer import load_tokenizer
 
 FORMAT_VERSION = 1
 KIND = "jaxmoe-store"
 HEADER = "store.json"
-GLOBAL_NAMES = ("embed", "norm", "lm_head")
+GLOBAL_NAMES = ("embed", "norm", "lm_head")  # Mixtral's; other families: backbone_targets(cfg)["globals"]
 # Tenant names become folder names: a letter or digit, then letters, digits, '.', '_' or '-'.
 TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -76,9 +73,16 @@ def tree_bytes(tree) -> int:
 
 
 def expert_bytes(cfg: MixtralConfig) -> int:
-  """Bytes of one expert (w1, w3, w2) in the config's dtype."""
-  shapes = expert_shapes(cfg, 1)
-  return sum(int(np.prod(shapes[n])) for n in EXPERT_NAMES) * np.dtype(cfg.dtype).itemsize
+  """Bytes of one expert (w1, w3, w2; Switch: wi, wo) in the config's dtype."""
+  shapes = layouts.layout(cfg).expert_shapes(cfg, 1)
+  return sum(int(np.prod(shape)) for shape in shapes.values()) * np.dtype(cfg.dtype).itemsize
+
+
+def backbone_targets(cfg: MixtralConfig) -> dict[str, dict]:
+  """{part name: abstract tree} of one tenant's backbone, as the store writes it."""
+  layout = layouts.layout(cfg)
+  parts = layout.split_parts(cfg, layout.abstract_params(cfg))
+  return {name: tree if name == "globals" else tree["backbone"] for name, tree in parts.items()}
 
 
 class StoreWriter:
@@ -87,6 +91,8 @@ class StoreWriter:
   def __init__(self, folder: pathlib.Path, cfg: MixtralConfig, tenants: list[str]):
     check_tenant_names(tenants)
     self.folder, self.cfg, self.tenants = folder, cfg, list(tenants)
+    self.layout = layouts.layout(cfg)
+    self.global_keys = list(backbone_targets(cfg)["globals"])
     self.slots: dict[int, int] = {}
     self.pool_bytes = 0
     self.backbone_bytes = {t: 0 for t in self.tenants}
@@ -103,20 +109,22 @@ class StoreWriter:
       raise StoreError(f"unknown tenant {name!r}; this store has {self.tenants}")
     return name
 
-  def write_backbone_globals(self, name: str, glob: dict) -> None:
-    tree = {k: glob[k] for k in GLOBAL_NAMES}
-    self._save(f"backbones/{self._tenant(name)}/globals", tree)
+  def write_backbone_part(self, name: str, part: str, tree: dict) -> None:
+    """One checkpoint part's backbone tree of tenant `name` (`layouts.layout(cfg).part_names`)."""
+    self._save(f"backbones/{self._tenant(name)}/{part}", tree)
     self.backbone_bytes[name] += tree_bytes(tree)
-    self._parts[name].add("globals")
+    self._parts[name].add(part)
+
+  def write_backbone_globals(self, name: str, glob: dict) -> None:
+    self.write_backbone_part(name, "globals", {k: glob[k] for k in self.global_keys})
 
   def write_backbone_layer(self, name: str, index: int, layer: dict) -> None:
-    self._save(f"backbones/{self._tenant(name)}/layer_{index:04d}", layer)
-    self.backbone_bytes[name] += tree_bytes(layer)
-    self._parts[name].add(index)
+    self.write_backbone_part(name, f"layer_{index:04d}", layer)
 
   def write_pool_layer(self, index: int, pool: dict) -> None:
-    tree = {n: pool[n] for n in EXPERT_NAMES}
-    self.slots[index] = int(tree["w1"].shape[0])
+    """MoE layer `index`'s pool {name: [S, ...]} (the family's expert leaves)."""
+    tree = {n: pool[n] for n in self.layout.EXPERT_NAMES}
+    self.slots[index] = int(tree[self.layout.EXPERT_NAMES[0]].shape[0])
     self._save(f"pool/layer_{index:04d}", tree)
     self.pool_bytes += tree_bytes(tree)
 
@@ -127,7 +135,7 @@ class StoreWriter:
 
   def byte_counts(self) -> dict:
     """What the written arrays take, and what K plain checkpoints would."""
-    full_experts = self.cfg.num_layers * self.cfg.num_experts * expert_bytes(self.cfg)
+    full_experts = self.cfg.num_moe_layers * self.cfg.num_experts * expert_bytes(self.cfg)
     backbones_total = sum(self.backbone_bytes.values())
     full = {t: self.backbone_bytes[t] + full_experts for t in self.tenants}
     total = self.pool_bytes + backbones_total
@@ -140,23 +148,23 @@ class StoreWriter:
         "swap_resident": self.pool_bytes + max(self.backbone_bytes.values()),
         "full_copy": full,
         "full_copies": sum(full.values()),
-        "slot_maps": len(self.tenants) * self.cfg.num_layers * self.cfg.num_experts * 4,
+        "slot_maps": len(self.tenants) * self.cfg.num_moe_layers * self.cfg.num_experts * 4,
     }
 
   def finish(self, slot_maps: dict[str, np.ndarray], extra: dict | None = None) -> dict:
     """Checks completeness, writes store.json, returns its content."""
-    layers = set(range(self.cfg.num_layers))
-    missing = sorted(layers - set(self.slots))
+    num_layers = self.cfg.num_moe_layers
+    missing = sorted(set(range(num_layers)) - set(self.slots))
     if missing:
       raise StoreError(f"store incomplete: pool layers {missing} not written")
     for t in self.tenants:
-      if self._parts[t] != layers | {"globals"}:
+      if self._parts[t] != set(self.layout.part_names(self.cfg)):
         raise StoreError(f"store incomplete: backbone of tenant {t!r}")
-    slots = [self.slots[i] for i in range(self.cfg.num_layers)]
-    maps = {t: np.asarray(slot_maps[t], np.int32) for t in self.tenants}
+    slots = [self.slots[i] for i in range(num_layers)]
+    maps = {t: np.asarray(slot_maps[t], np.int32).reshape(num_layers, -1) for t in self.tenants}
     for t, m in maps.items():
-      if m.shape != (self.cfg.num_layers, self.cfg.num_experts) or m.min() < 0 or \
-          np.any(m >= np.asarray(slots)[:, None]):
+      outside = m.size and (m.min() < 0 or np.any(m >= np.asarray(slots)[:, None]))
+      if m.shape != (num_layers, self.cfg.num_experts) or outside:
         raise StoreError(f"slot map of tenant {t!r} does not fit the pool {slots}")
     header = {
         "format": FORMAT_VERSION,
@@ -201,7 +209,7 @@ class Store:
   def __init__(self, path: pathlib.Path, metadata: dict, pool: list[dict], backbones: dict[str, Params]):
     self.path = path
     self.metadata = metadata
-    self.config = MixtralConfig.from_json(json.dumps(metadata["config"]))
+    self.config = layouts.config_from_dict(metadata["config"])
     self.tenants: list[str] = list(metadata["tenants"])
     self.pool = pool  # [L] of {w1, w3, w2} [S_l, ...]
     self.backbones = backbones
@@ -220,9 +228,9 @@ class Store:
     What `checkpoint.save` needs to write the tenant back out as an ordinary checkpoint.
     """
     smap = self.slot_maps[self._check(name)]
-    experts = [{n: pool[n][smap[l]] for n in EXPERT_NAMES} for l, pool in enumerate(self.pool)]
+    experts = [{n: w[smap[l]] for n, w in pool.items()} for l, pool in enumerate(self.pool)]
     return {"backbone": self.backbones[name], "experts": experts,
-            "slot_map": identity_slot_map(self.config)}
+            "slot_map": layouts.layout(self.config).identity_slot_map(self.config)}
 
   def device_pool(self) -> list[dict]:
     """The pool on the default device, transferred once and reused by every tenant's model."""
@@ -241,7 +249,7 @@ class Store:
     if key not in self._models:
       params = {**self.params(name), "experts": self.device_pool()}
       tok = load_tokenizer(self.path / "backbones" / name, self.config)
-      self._models[key] = Model(self.config, params, tok, impl)
+      self._models[key] = model_for(single_model_config(self.config), params, tok, impl)
     return self._models[key]
 
   def _check(self, name: str) -> str:
@@ -255,19 +263,22 @@ def load_store(path: str | os.PathLike) -> Store:
   path = pathlib.Path(path).absolute()
   header = read_store_header(path)
   check_tenant_names(header["tenants"])
-  cfg = MixtralConfig.from_json(json.dumps(header["config"]))
+  cfg = layouts.config_from_dict(header["config"])
+  layout = layouts.layout(cfg)
   slots = header["slots_per_layer"]
-  target = abstract_params(cfg, slots)
-  bb = target["backbone"]
+  target = layout.abstract_params(cfg, slots)
+  parts = backbone_targets(cfg)
   with ocp.StandardCheckpointer() as ckptr:
     read = lambda rel, t: checkpoint.restore_part(ckptr, path / rel, t)
-    pool = [read(f"pool/layer_{i:04d}", target["experts"][i]) for i in range(cfg.num_layers)]
+    pool = [read(f"pool/layer_{i:04d}", target["experts"][i]) for i in range(cfg.num_moe_layers)]
     backbones = {}
     for t in header["tenants"]:
-      glob = read(f"backbones/{t}/globals", {k: bb[k] for k in GLOBAL_NAMES})
-      layers = [read(f"backbones/{t}/layer_{i:04d}", bb["layers"][i]) for i in range(cfg.num_layers)]
-      backbones[t] = {**glob, "layers": layers}
+      trees = {part: read(f"backbones/{t}/{part}", tree) for part, tree in parts.items()}
+      moe_parts = dict(zip(layout.moe_parts(cfg), pool))
+      full = {part: tree if part == "globals" else {"backbone": tree, "experts": moe_parts.get(part)}
+              for part, tree in trees.items()}
+      backbones[t] = layout.join_parts(cfg, full, None)["backbone"]
   store = Store(path, header, pool, backbones)
   for t in store.tenants:
-    check_params(cfg, store.params(t))
+    layout.check_params(cfg, store.params(t))
   return store

@@ -52,7 +52,8 @@ def main(argv) -> int:
   except (ValueError, OSError) as e:
     print(f"jaxmoe-generate: error: {e}", file=sys.stderr)
     return 1
-  new = out[0, len(ids):]
+  # Decoder-only: prompt then new tokens; encoder-decoder (Switch): decoder start then new tokens.
+  new = out[0, 1:] if model.config.architecture == "switch" else out[0, len(ids):]
   print("ids:", ",".join(str(int(i)) for i in out[0]))
   if model.tokenizer is not None:
     print("text:", model.decode(out[0]))

@@ -9,7 +9,7 @@ metric's rounding does.
           K > 2 is the sum over tenant pairs, see `pair_score`).
   cosine  1 - <w_i, w_j> / (|w_i| |w_j|) over the same flattened vectors.
   output  mean over calibration tokens and D of (f_i(x) - f_j(x))^2, where f is
-          the SwiGLU expert and x runs over the hidden states that every tenant
+          the expert (SwiGLU, or Switch's ReLU) and x runs over the hidden states that every tenant
           produced at this layer's MoE input on the calibration text.
 
 Axis legend: K tenants, E experts, N calibration tokens, D model dim, F ffn dim.
@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.moe import swiglu
-from jaxmoe.params import EXPERT_NAMES
+from jaxmoe.moe import expert_kind
 
 F32 = jnp.float32
 
@@ -49,16 +48,18 @@ def _symmetric(k: int, values) -> jax.Array:
 @jax.jit
 def _l2(w: dict) -> jax.Array:
   """w: {name: [K, ...]} -> [K, K]; differences taken directly (no Gram trick: it cancels)."""
-  k = w["w1"].shape[0]
-  sq = [sum(jnp.sum(jnp.square(w[n][i].astype(F32) - w[n][j].astype(F32))) for n in EXPERT_NAMES)
+  names = expert_kind(w)[0]
+  k = w[names[0]].shape[0]
+  sq = [sum(jnp.sum(jnp.square(w[n][i].astype(F32) - w[n][j].astype(F32))) for n in names)
         for i, j in _pairs(k)]
   return _symmetric(k, [jnp.sqrt(s) for s in sq])
 
 
 @jax.jit
 def _cosine(w: dict) -> jax.Array:
-  k = w["w1"].shape[0]
-  flat = [jnp.concatenate([w[n][i].astype(F32).ravel() for n in EXPERT_NAMES]) for i in range(k)]
+  names = expert_kind(w)[0]
+  k = w[names[0]].shape[0]
+  flat = [jnp.concatenate([w[n][i].astype(F32).ravel() for n in names]) for i in range(k)]
   norms = [jnp.sqrt(jnp.sum(jnp.square(v))) for v in flat]
   values = []
   for i, j in _pairs(k):
@@ -71,18 +72,20 @@ def _cosine(w: dict) -> jax.Array:
 @jax.jit
 def _output(w: dict, x: jax.Array) -> jax.Array:
   """x [N, D] hidden states; each tenant's expert applied to all of them."""
-  k = w["w1"].shape[0]
-  ys = [swiglu(x, w["w1"][i], w["w3"][i], w["w2"][i]) for i in range(k)]  # K x [N, D] f32
+  names, expert = expert_kind(w)  # SwiGLU (Mixtral) or ReLU (Switch)
+  k = w[names[0]].shape[0]
+  ys = [expert(x, *(w[n][i] for n in names)) for i in range(k)]  # K x [N, D] f32
   return _symmetric(k, [jnp.mean(jnp.square(ys[i] - ys[j])) for i, j in _pairs(k)])
 
 
 def identical(w: dict[str, np.ndarray]) -> np.ndarray:
   """w: {name: [K, ...]} -> [K, K] bool, True where two experts are equal bit for bit."""
-  k = w["w1"].shape[0]
-  raw = {n: np.ascontiguousarray(w[n]).view(np.uint8).reshape(k, -1) for n in EXPERT_NAMES}
+  names = expert_kind(w)[0]
+  k = w[names[0]].shape[0]
+  raw = {n: np.ascontiguousarray(w[n]).view(np.uint8).reshape(k, -1) for n in names}
   out = np.eye(k, dtype=bool)
   for i, j in _pairs(k):
-    out[i, j] = out[j, i] = all(np.array_equal(raw[n][i], raw[n][j]) for n in EXPERT_NAMES)
+    out[i, j] = out[j, i] = all(np.array_equal(raw[n][i], raw[n][j]) for n in names)
   return out
 
 
@@ -90,7 +93,8 @@ def pairwise(w: dict[str, np.ndarray], metric: Metric, inputs=None) -> tuple[np.
   """Distances between the K experts of one position.
 
   Args:
-    w: {"w1": [K, D, F], "w3": [K, D, F], "w2": [K, F, D]}, tenant k's expert at k.
+    w: {"w1": [K, D, F], "w3": [K, D, F], "w2": [K, F, D]} (Switch: {"wi", "wo"}), tenant k's
+      expert at k.
     metric: which distance.
     inputs: [N, D] hidden states, needed by Metric.OUTPUT only.
 
@@ -115,8 +119,9 @@ def pairwise(w: dict[str, np.ndarray], metric: Metric, inputs=None) -> tuple[np.
 
 def layer_distances(experts: list[dict], metric: Metric, inputs=None) -> tuple[np.ndarray, np.ndarray]:
   """experts: K tenants' {name: [E, ...]} of one layer -> (dist [E, K, K], same [E, K, K])."""
-  num_experts = experts[0]["w1"].shape[0]
-  out = [pairwise({n: np.stack([t[n][e] for t in experts]) for n in EXPERT_NAMES}, metric, inputs)
+  names = expert_kind(experts[0])[0]
+  num_experts = experts[0][names[0]].shape[0]
+  out = [pairwise({n: np.stack([t[n][e] for t in experts]) for n in names}, metric, inputs)
          for e in range(num_experts)]
   return np.stack([d for d, _ in out]), np.stack([s for _, s in out])
 

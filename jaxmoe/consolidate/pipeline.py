@@ -26,7 +26,6 @@ from jaxmoe.consolidate.errors import ConsolidateError
 from jaxmoe.consolidate.select import GB, Owner, Plan, Selection, check_budget, select
 from jaxmoe.consolidate.tenants import check_names, logical_experts, open_tenants
 from jaxmoe.moe import Impl
-from jaxmoe.params import EXPERT_NAMES
 from jaxmoe.store import StoreWriter, expert_bytes, store_writer
 from jaxmoe.tokenizer import load_tokenizer
 
@@ -93,7 +92,7 @@ def consolidate(tenants: Sequence[tuple[str, str | os.PathLike]], out: str | os.
   with open_tenants(dict(tenants)) as readers:
     cfg = readers[names[0]].config
     if sel.budget_bytes is not None:
-      check_budget(sel.budget_bytes, cfg.num_layers, cfg.num_experts, expert_bytes(cfg))
+      check_budget(sel.budget_bytes, cfg.num_moe_layers, cfg.num_experts, expert_bytes(cfg))
     with store_writer(out, cfg, names) as w:
       dist, same = _distance_pass(readers, w, ccfg)
       plan = select(dist, same, expert_bytes(cfg), sel)
@@ -118,8 +117,15 @@ def _calibration_inputs(readers, ccfg: ConsolidateConfig, globs: dict) -> dict:
 
 
 def _distance_pass(readers, w: StoreWriter, ccfg: ConsolidateConfig) -> tuple[np.ndarray, np.ndarray]:
-  """Writes the backbones; returns (dist [L, E, K, K], same [L, E, K, K])."""
-  cfg = next(iter(readers.values())).config
+  """Writes the backbones part by part; returns (dist [L, E, K, K], same [L, E, K, K]) over MoE layers.
+
+  Parts follow the checkpoint layout (Mixtral: layer_NNNN, each an MoE layer;
+  Switch: encoder/decoder blocks, the sparse ones with a pool).
+  """
+  first = next(iter(readers.values()))
+  cfg = first.config
+  if ccfg.metric is Metric.OUTPUT and cfg.architecture != "mixtral":
+    raise ConsolidateError(f"--metric=output runs Mixtral layers; use l2 or cosine for {cfg.architecture}")
   globs = {}
   for name, r in readers.items():
     globs[name] = r.read_globals()
@@ -127,10 +133,15 @@ def _distance_pass(readers, w: StoreWriter, ccfg: ConsolidateConfig) -> tuple[np
   xs = _calibration_inputs(readers, ccfg, globs) if ccfg.metric is Metric.OUTPUT else None
   del globs
   dists, sames = [], []
-  for i in range(cfg.num_layers):
-    layers = {name: r.read_layer(i) for name, r in readers.items()}
-    for name, (layer, _) in layers.items():
-      w.write_backbone_layer(name, i, layer)
+  moe_index = {part: i for i, part in enumerate(first.layout.moe_parts(cfg))}
+  for part in first.part_names()[1:]:
+    trees = {name: r.read_part(part) for name, r in readers.items()}
+    for name, tree in trees.items():
+      w.write_backbone_part(name, part, tree["backbone"])
+    if part not in moe_index:
+      continue  # a dense block: backbone only
+    i = moe_index[part]
+    layers = {name: (tree["backbone"], tree["experts"]) for name, tree in trees.items()}
     experts = [logical_experts(pool, readers[name].slot_map[i]) for name, (_, pool) in layers.items()]
     inputs = None
     if xs is not None:
@@ -150,7 +161,7 @@ def _distance_pass(readers, w: StoreWriter, ccfg: ConsolidateConfig) -> tuple[np
 def build_pool(groups, experts: list[dict]) -> dict[str, np.ndarray]:
   """One layer's pool {name: [S, ...]} from the plan's groups and the K tenants' experts [E, ...]."""
   pool = {}
-  for n in EXPERT_NAMES:
+  for n in experts[0]:
     like = experts[0][n]
     pool[n] = out = np.empty((len(groups), *like.shape[1:]), like.dtype)  # filled in place: one copy
     for s, g in enumerate(groups):
@@ -164,7 +175,7 @@ def build_pool(groups, experts: list[dict]) -> dict[str, np.ndarray]:
 
 def _pool_pass(readers, w: StoreWriter, plan: Plan) -> None:
   for i, groups in enumerate(plan.layers):
-    experts = [logical_experts(r.read_layer(i)[1], r.slot_map[i]) for r in readers.values()]
+    experts = [logical_experts(r.read_pool(i), r.slot_map[i]) for r in readers.values()]
     w.write_pool_layer(i, build_pool(groups, experts))
 
 
@@ -184,7 +195,7 @@ def describe(names, readers, ccfg: ConsolidateConfig, sel: Selection, plan: Plan
       "mode": "budget" if sel.budget_bytes is not None else "fraction",
       "budget_gb": ccfg.budget_gb, "budget_bytes": sel.budget_bytes, "budget_counts": "pool",
       "share_fraction": ccfg.share_fraction,
-      "experts_before": cfg.num_layers * cfg.num_experts * k, "unique_experts": plan.unique_experts,
+      "experts_before": len(plan.layers) * cfg.num_experts * k, "unique_experts": plan.unique_experts,
       "joins_possible": plan.joins_possible, "joins_identical": plan.joins_identical,
       "joins_applied": plan.joins_applied,
   }

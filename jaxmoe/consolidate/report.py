@@ -73,7 +73,7 @@ def table(header: dict) -> str:
 
 def _grids(header: dict) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
   cfg = header["config"]
-  shape = (cfg["num_layers"], cfg["num_experts"])
+  shape = (len(header["slots_per_layer"]), cfg["num_experts"])  # MoE layers
   score, copies = np.zeros(shape), np.zeros(shape, int)
   labels = [["" for _ in range(shape[1])] for _ in range(shape[0])]
   index = {t: str(i) for i, t in enumerate(header["tenants"])}

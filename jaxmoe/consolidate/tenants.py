@@ -12,7 +12,6 @@ import numpy as np
 
 from jaxmoe import checkpoint
 from jaxmoe.consolidate.errors import ConsolidateError
-from jaxmoe.params import EXPERT_NAMES
 from jaxmoe.store import StoreError, check_tenant_names
 
 
@@ -86,6 +85,6 @@ def open_tenants(tenants: dict[str, str | os.PathLike]) -> Iterator[dict[str, ch
 
 def logical_experts(pool: dict, slot_map_row: np.ndarray) -> dict[str, np.ndarray]:
   """A layer's pool [S, ...] and slot map row [E] -> logical experts {name: [E, ...]}."""
-  if np.array_equal(slot_map_row, np.arange(pool["w1"].shape[0])):
-    return {n: np.asarray(pool[n]) for n in EXPERT_NAMES}  # a plain checkpoint: no copy
-  return {n: np.asarray(pool[n])[slot_map_row] for n in EXPERT_NAMES}
+  if np.array_equal(slot_map_row, np.arange(next(iter(pool.values())).shape[0])):
+    return {n: np.asarray(w) for n, w in pool.items()}  # a plain checkpoint: no copy
+  return {n: np.asarray(w)[slot_map_row] for n, w in pool.items()}

@@ -157,19 +157,26 @@ def attention(p, x, positions, cache: KVCache, layer: int, cfg: MixtralConfig, o
   return ops.linear("BTNH,NHD->BTD", out, p["o"]), cache
 
 
-def moe_block(p, pool, slot_map, x, cfg: MixtralConfig, impl: Impl, ops):
-  """x [B, T, D] through the router and the expert pool; slot_map [E] or [B, E]."""
+def moe_block(p, pool, slot_map, x, cfg: MixtralConfig, impl: Impl, ops, router_out=None):
+  """x [B, T, D] through the router and the expert pool; slot_map [E] or [B, E].
+
+  Appends the router logits [B, T, E] to `router_out` when given (training's balancing loss).
+  """
   b, t, d = x.shape
   flat = x.reshape(b * t, d)
-  router_logits = ops.linear("BTD,DE->BTE", x, p["router"]).reshape(b * t, -1)
+  router_logits = ops.linear("BTD,DE->BTE", x, p["router"])
+  if router_out is not None:
+    router_out.append(router_logits)
+  router_logits = router_logits.reshape(b * t, -1)
   if slot_map.ndim == 2:  # per-row tenant maps: one copy per token
     slot_map = jnp.repeat(slot_map, t, axis=0)
   spec = MoeSpec(top_k=cfg.top_k, router=Router.TOPK_RENORM, impl=impl)
   return moe(flat, router_logits, slot_map, pool, spec).reshape(b, t, d)
 
 
-def run_layers(params, x, positions, cache: KVCache, cfg: MixtralConfig, impl: Impl, ops, moe_inputs=None):
-  """All decoder layers; returns (hidden [B, T, D], cache). Appends MoE inputs if asked."""
+def run_layers(params, x, positions, cache: KVCache, cfg: MixtralConfig, impl: Impl, ops, moe_inputs=None,
+               router_logits=None):
+  """All decoder layers; returns (hidden [B, T, D], cache). Appends MoE inputs and router logits if asked."""
   bb, eps = params["backbone"], cfg.rms_norm_eps
   for i, (p, pool) in enumerate(zip(bb["layers"], params["experts"])):
     h, cache = attention(p, rms_norm(x, ops.vector(p["attn_norm"]), eps), positions, cache, i, cfg, ops)
@@ -177,7 +184,7 @@ def run_layers(params, x, positions, cache: KVCache, cfg: MixtralConfig, impl: I
     h = rms_norm(x, ops.vector(p["mlp_norm"]), eps)
     if moe_inputs is not None:
       moe_inputs.append(h)
-    x = x + moe_block(p, pool, ops.layer_slot_map(params["slot_map"], i), h, cfg, impl, ops)
+    x = x + moe_block(p, pool, ops.layer_slot_map(params["slot_map"], i), h, cfg, impl, ops, router_logits)
   x = rms_norm(x, ops.vector(bb["norm"]), eps)
   return x, cache
 
@@ -190,9 +197,9 @@ def embed(params, tokens, ops):
   return ops.embed(params["backbone"]["embed"], tokens)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl", "with_moe_inputs"))
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "with_moe_inputs", "with_router_logits"))
 def forward(params, tokens, cfg: MixtralConfig, impl: Impl = Impl.AUTO, with_moe_inputs: bool = False,
-            ops=SingleTenant()):
+            ops=SingleTenant(), with_router_logits: bool = False):
   """Full causal forward pass.
 
   Args:
@@ -202,17 +209,21 @@ def forward(params, tokens, cfg: MixtralConfig, impl: Impl = Impl.AUTO, with_moe
     impl: MoE strategy (static).
     with_moe_inputs: also return each layer's MoE input [L x [B, T, D]].
     ops: SingleTenant(), or MixedTenants(ids) with stacked backbones.
+    with_router_logits: also return each layer's router logits [L x [B, T, E]] (after the
+      MoE inputs when both are asked).
 
   Returns:
-    logits [B, T, V] float32, and the MoE inputs when asked.
+    logits [B, T, V] float32, or a tuple of it and the extras asked for.
   """
   b, t = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   moe_inputs = [] if with_moe_inputs else None
+  routers = [] if with_router_logits else None
   x, _ = run_layers(params, embed(params, tokens, ops), positions, init_cache(cfg, b, t), cfg, impl, ops,
-                    moe_inputs)
+                    moe_inputs, routers)
   logits = lm_head(params, x, ops)
-  return (logits, moe_inputs) if with_moe_inputs else logits
+  extras = [e for e in (moe_inputs, routers) if e is not None]
+  return (logits, *extras) if extras else logits
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))

@@ -14,6 +14,10 @@ Modes (`weights.py`): swap and resident batch one tenant at a time; the
 scheduler keeps serving the current tenant while others wait at most
 `max_wait_s`, then drains the batch and switches to the longest-waiting
 tenant. Mixed batches any tenants together and never switches.
+
+The model family is a narrow hook (`model_family`): `DecoderOnly` prefills
+prompts into the KV cache (Mixtral); `seq2seq.EncoderDecoder` encodes them and
+starts the decoder (Switch), so the scheduler and the modes are shared.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from jaxmoe import sampling
 from jaxmoe.models import mixtral
 from jaxmoe.moe import Impl
 from jaxmoe.serving import requests as req_lib
+from jaxmoe.serving import seq2seq
 from jaxmoe.serving.requests import Request, RequestError
-from jaxmoe.serving.weights import Mode, make_weights
+from jaxmoe.serving.weights import Mode, make_weights, to_device
 
 TokenCallback = Callable[[str, int, str], None]  # (request id, token id, text delta)
 
@@ -62,6 +67,39 @@ def insert_rows(cache: mixtral.KVCache, small: mixtral.KVCache, rows):
   )
 
 
+class DecoderOnly:
+  """Engine hooks for Mixtral: the prompt and its new tokens share max_seq_len cache positions."""
+
+  jitted = (mixtral.prefill, mixtral.decode_step, insert_rows)
+
+  def init_cache(self, cfg, batch: int, max_len: int) -> mixtral.KVCache:
+    return mixtral.init_cache(cfg, batch, max_len)
+
+  def check_lengths(self, prompt_len: int, max_tokens: int, limit: int) -> None:
+    if prompt_len >= limit:
+      raise RequestError(f"prompt has {prompt_len} tokens; the maximum is {limit - 1} (max_seq_len={limit})")
+    if prompt_len + max_tokens > limit:
+      raise RequestError(f"'max_tokens'={max_tokens} is above the limit {limit - prompt_len} for this "
+                         f"{prompt_len}-token prompt (max_seq_len={limit})")
+
+  def admit(self, params, tokens, lengths, cache, rows, cfg, impl: Impl, ops):
+    """Prefills prompts [b, T] of `lengths` [b] into batch rows `rows` [b] of the (donated) cache.
+
+    Returns (next-token logits [b, V], cache).
+    """
+    small = mixtral.init_cache(cfg, tokens.shape[0], tokens.shape[1])
+    logits, small = mixtral.prefill(params, tokens, lengths, small, cfg, impl, ops)
+    return logits, insert_rows(cache, small, rows)
+
+  def decode_step(self, params, tokens, cache, cfg, impl: Impl, ops):
+    return mixtral.decode_step(params, tokens, cache, cfg, impl, ops)
+
+
+def model_family(cfg):
+  """The engine hooks of `cfg`'s architecture."""
+  return seq2seq.EncoderDecoder() if cfg.architecture == "switch" else DecoderOnly()
+
+
 @dataclasses.dataclass
 class Sequence:
   request: Request
@@ -83,12 +121,15 @@ class Engine:
     self.config, self.cfg, self.clock, self.on_token = config, store.config, clock, on_token
     if config.max_batch < 1 or config.max_seq_len < 2:
       raise ValueError(f"need max_batch >= 1 and max_seq_len >= 2, got {config}")
-    if config.max_seq_len > self.cfg.max_position_embeddings:
+    max_positions = getattr(self.cfg, "max_position_embeddings", None)  # Switch: relative positions, no limit
+    if max_positions is not None and config.max_seq_len > max_positions:
       raise ValueError(f"max_seq_len={config.max_seq_len} exceeds the model's "
-                       f"max_position_embeddings={self.cfg.max_position_embeddings}")
+                       f"max_position_embeddings={max_positions}")
+    self.family = model_family(self.cfg)
     self.tokenizer = tokenizer if tokenizer is not None else getattr(store, "tokenizer", None)
     self.weights = make_weights(config.mode, store)
-    self.cache = mixtral.init_cache(self.cfg, config.max_batch, config.max_seq_len)
+    # Committed like the jitted steps' outputs, so the first step does not compile a second variant.
+    self.cache = to_device(self.family.init_cache(self.cfg, config.max_batch, config.max_seq_len))
     self.rows: list[Sequence | None] = [None] * config.max_batch
     self.waiting: collections.deque[Sequence] = collections.deque()
     self.done: list[dict] = []
@@ -129,12 +170,7 @@ class Engine:
         raise RequestError(f"'prompt_ids' out of the vocabulary [0, {self.cfg.vocab_size}): {bad[:5]}")
     if not ids:
       raise RequestError("the prompt encodes to no tokens")
-    limit = self.config.max_seq_len
-    if len(ids) >= limit:
-      raise RequestError(f"prompt has {len(ids)} tokens; the maximum is {limit - 1} (max_seq_len={limit})")
-    if len(ids) + r.max_tokens > limit:
-      raise RequestError(f"'max_tokens'={r.max_tokens} is above the limit {limit - len(ids)} for this "
-                         f"{len(ids)}-token prompt (max_seq_len={limit})")
+    self.family.check_lengths(len(ids), r.max_tokens, self.config.max_seq_len)
     return ids
 
   # The loop.
@@ -217,10 +253,8 @@ class Engine:
       s.admitted, s.row = now, row
       self.rows[row] = s
     params, ops = self._params_and_ops(list(seqs) + [None] * (nb - len(seqs)))
-    small = mixtral.init_cache(self.cfg, nb, tb)
-    logits, small = mixtral.prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), small, self.cfg,
-                                    cfg.impl, ops)
-    self.cache = insert_rows(self.cache, small, jnp.asarray(targets))
+    logits, self.cache = self.family.admit(params, jnp.asarray(tokens), jnp.asarray(lengths), self.cache,
+                                           jnp.asarray(targets), self.cfg, cfg.impl, ops)
     self._emit(seqs, logits)
 
   def _decode(self) -> None:
@@ -229,8 +263,8 @@ class Engine:
       if s is not None:
         tokens[s.row] = s.tokens[-1]
     params, ops = self._params_and_ops(self.rows)
-    logits, self.cache = mixtral.decode_step(params, jnp.asarray(tokens), self.cache, self.cfg,
-                                             self.config.impl, ops)
+    logits, self.cache = self.family.decode_step(params, jnp.asarray(tokens), self.cache, self.cfg,
+                                                 self.config.impl, ops)
     self.decode_steps += 1
     self._emit([s for s in self.rows if s is not None], logits, by_row=True)
 
@@ -311,5 +345,5 @@ class Engine:
 
 def compilations() -> int:
   """Programs compiled so far by the serving path's jitted functions (this process)."""
-  fns = (mixtral.prefill, mixtral.decode_step, insert_rows, sampling.sample)
+  fns = (*DecoderOnly.jitted, *seq2seq.EncoderDecoder.jitted, sampling.sample)
   return sum(f._cache_size() for f in fns)

@@ -13,8 +13,9 @@ import dataclasses
 import jax
 import numpy as np
 
+from jaxmoe import layouts
 from jaxmoe.config import MixtralConfig
-from jaxmoe.params import Params, init_params
+from jaxmoe.params import Params
 from jaxmoe.tokenizer import ByteTokenizer
 
 
@@ -37,23 +38,25 @@ def synthetic_store(cfg: MixtralConfig, k: int, seed: int = 0, own_fraction: flo
                     noise: float = 0.02) -> MemoryStore:
   """K tenants over one pool; `own_fraction` of positions hold a distinct expert per tenant."""
   rng = np.random.default_rng(seed)
-  base = init_params(cfg, seed=seed, scale=0.1)
+  layout = layouts.layout(cfg)  # Mixtral or Switch
+  base = layout.init_params(cfg, seed=seed, scale=0.1)
   names = [f"tenant{i}" for i in range(k)]
 
   def jitter(x):
     return (x + noise * rng.standard_normal(x.shape)).astype(x.dtype)
 
   backbones = {n: jax.tree.map(jitter, base["backbone"]) for n in names}
-  own = rng.random((cfg.num_layers, cfg.num_experts)) < own_fraction
-  pool, maps = [], {n: np.zeros((cfg.num_layers, cfg.num_experts), np.int32) for n in names}
-  for layer in range(cfg.num_layers):
-    slots = {w: list(base["experts"][layer][w]) for w in ("w1", "w3", "w2")}
+  num_layers = cfg.num_moe_layers
+  own = rng.random((num_layers, cfg.num_experts)) < own_fraction
+  pool, maps = [], {n: np.zeros((num_layers, cfg.num_experts), np.int32) for n in names}
+  for layer in range(num_layers):
+    slots = {w: list(base["experts"][layer][w]) for w in layout.EXPERT_NAMES}
     for e in range(cfg.num_experts):
       for t, n in enumerate(names):
         if own[layer, e] and t > 0:  # tenant 0 keeps the base expert; the others get their own
           for w in slots:
             slots[w].append(jitter(base["experts"][layer][w][e]) + 0.05)
-          maps[n][layer, e] = len(slots["w1"]) - 1
+          maps[n][layer, e] = len(slots[layout.EXPERT_NAMES[0]]) - 1
         else:
           maps[n][layer, e] = e
     pool.append({w: np.stack(v) for w, v in slots.items()})

@@ -1,0 +1,1 @@
+"""Training small Mixtral-architecture tenants on the Python standard library's text (jaxmoe-train)."""
