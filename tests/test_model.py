@@ -174,3 +174,14 @@ def test_slots_strategy_is_bit_stable_when_the_pool_grows():
     big[n][order[e:]] = rng.standard_normal((2, *w.shape[1:]))
   grown = np.asarray(moe_lib.moe(x, logits, order[:e].astype(np.int32), big, spec))
   np.testing.assert_array_equal(grown, base)
+
+
+@pytest.mark.parametrize("project", [mixtral.grouped_linear, mixtral.every_tenant_linear])
+def test_mixed_tenant_projections_match_per_row_products(project):
+  rng = np.random.default_rng(10)
+  x = rng.standard_normal((5, 3, 8)).astype(np.float32)
+  w = rng.standard_normal((4, 8, 6)).astype(np.float32)
+  ids = np.array([2, 0, 3, 2, 1], np.int32)
+  want = np.stack([x[b] @ w[ids[b]] for b in range(5)])
+  got = np.asarray(jax.jit(project)(x, w, ids))
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=max_abs(got, want))

@@ -22,11 +22,28 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxmoe.config import MixtralConfig
 from jaxmoe.moe import Impl, MoeSpec, Router, moe
 
 F32 = jnp.float32
+
+
+def grouped_linear(x, w, ids):
+  """x [B, T, I] @ w[ids[b]] [K, I, O] -> [B, T, O]: rows sorted by tenant, one ragged_dot."""
+  b, t, _ = x.shape
+  tenant = jnp.repeat(ids, t)
+  order = jnp.argsort(tenant, stable=True)
+  sizes = jnp.bincount(tenant, length=w.shape[0]).astype(jnp.int32)
+  y = jax.lax.ragged_dot(x.reshape(b * t, -1)[order], w, sizes)
+  return jnp.zeros_like(y).at[order].set(y).reshape(b, t, -1)
+
+
+def every_tenant_linear(x, w, ids):
+  """Same result: every row times every tenant's weight in one product, then each row's own."""
+  every = jnp.einsum("BTI,KIO->BTKO", x, w)
+  return jnp.take_along_axis(every, ids[:, None, None, None], axis=2)[:, :, 0]
 
 
 @flax.struct.dataclass
@@ -50,9 +67,13 @@ class SingleTenant:
 class MixedTenants:
   """Weight access for a batch mixing tenants: backbone leaves stacked [K, ...].
 
-  Row b uses tenant `ids[b]`. Projections sort the rows by tenant and run one
-  `ragged_dot` per weight, so each tenant's weights are read once per step and
-  each row is computed once.
+  Row b uses tenant `ids[b]`. On accelerators, projections sort the rows by
+  tenant and run one `ragged_dot` per weight, so each tenant's weights are read
+  once per step and each row is computed once. XLA's CPU `ragged_dot` computes
+  every group densely and slower than a plain product, so on CPUs one einsum
+  projects every row with every tenant's weight and each row keeps its own
+  tenant's result: K times the flops of one tenant, in a single dense product,
+  which measured fastest for small CPU batches (bench/serve_throughput.py).
   """
 
   ids: jax.Array  # [B] int32
@@ -60,15 +81,10 @@ class MixedTenants:
   def linear(self, eq: str, x, w):
     del eq  # contraction: x's trailing dims (after B, T) with w's leading dims (after K)
     b, t = x.shape[:2]
-    n_in = x.ndim - 2
-    out_shape = w.shape[1 + n_in :]
-    rows = x.reshape(b * t, -1)
-    tenant = jnp.repeat(self.ids, t)
-    order = jnp.argsort(tenant, stable=True)
-    sizes = jnp.bincount(tenant, length=w.shape[0]).astype(jnp.int32)
-    y = jax.lax.ragged_dot(rows[order], w.reshape(w.shape[0], rows.shape[1], -1), sizes)
-    y = jnp.zeros_like(y).at[order].set(y)
-    return y.reshape(b, t, *out_shape)
+    out_shape = w.shape[x.ndim - 1 :]
+    flat_w = w.reshape(w.shape[0], -1, int(np.prod(out_shape)))  # [K, I, O]
+    project = every_tenant_linear if jax.default_backend() == "cpu" else grouped_linear
+    return project(x.reshape(b, t, -1), flat_w, self.ids).reshape(b, t, *out_shape)
 
   def vector(self, w):  # [K, D] -> [B, 1, D], broadcasting over T
     return w[self.ids][:, None]

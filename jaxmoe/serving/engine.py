@@ -131,6 +131,7 @@ class Engine:
     # Committed like the jitted steps' outputs, so the first step does not compile a second variant.
     self.cache = to_device(self.family.init_cache(self.cfg, config.max_batch, config.max_seq_len))
     self.rows: list[Sequence | None] = [None] * config.max_batch
+    self._ids_on_device: dict[tuple[int, ...], jax.Array] = {}
     self.waiting: collections.deque[Sequence] = collections.deque()
     self.done: list[dict] = []
     self.served: list[dict] = []
@@ -231,10 +232,12 @@ class Engine:
 
   def _params_and_ops(self, seqs):
     if self.config.mode is Mode.MIXED:
-      ids = np.zeros(len(seqs), np.int32)
-      for i, s in enumerate(seqs):
-        ids[i] = self.weights.index[s.request.model] if s is not None else 0
-      return self.weights.stacked, mixtral.MixedTenants(jnp.asarray(ids))
+      ids = tuple(self.weights.index[s.request.model] if s is not None else 0 for s in seqs)
+      if ids not in self._ids_on_device:  # rows change tenants rarely: reuse the device copy
+        if len(self._ids_on_device) > 64:
+          self._ids_on_device.clear()
+        self._ids_on_device[ids] = to_device(np.asarray(ids, np.int32))
+      return self.weights.stacked, mixtral.MixedTenants(self._ids_on_device[ids])
     tenant = next(s.request.model for s in seqs if s is not None)
     return self.weights.params(tenant), mixtral.SingleTenant()
 
