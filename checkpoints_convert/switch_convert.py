@@ -29,7 +29,8 @@ from checkpoints_convert.convert import (
 )
 from jaxmoe import checkpoint
 from jaxmoe.switch_config import SwitchConfig
-from jaxmoe.switch_params import expert_shapes, identity_slot_map
+from jaxmoe.params import identity_slot_map
+from jaxmoe.switch_params import expert_shapes
 
 
 def _check_info(name: str, info: TensorInfo, shape: tuple[int, ...]) -> None:

@@ -28,8 +28,30 @@ _REQUIRED_HF_KEYS = (
 )
 
 
+class JsonConfig:
+  """JSON round trip and `replace` for the frozen config dataclasses of every family."""
+
+  def json_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.json_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str):
+    data = json.loads(text)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+      raise ConfigError(f"jaxmoe config: unknown keys {unknown}")
+    return cls(**data)
+
+  def replace(self, **changes):
+    return dataclasses.replace(self, **changes)
+
+
 @dataclasses.dataclass(frozen=True)
-class MixtralConfig:
+class MixtralConfig(JsonConfig):
   """Shapes and constants of a Mixtral-architecture model."""
 
   vocab_size: int
@@ -117,20 +139,6 @@ class MixtralConfig:
         dtype=dtype,
     )
 
-  def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-  @classmethod
-  def from_json(cls, text: str) -> MixtralConfig:
-    data = json.loads(text)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-      raise ConfigError(f"jaxmoe config: unknown keys {unknown}")
-    return cls(**data)
-
-  def replace(self, **changes) -> MixtralConfig:
-    return dataclasses.replace(self, **changes)
 
 
 PRESETS: dict[str, MixtralConfig] = {

@@ -90,19 +90,28 @@ def _is_shape(x) -> bool:
 
 def abstract_params(cfg: MixtralConfig, slots_per_layer: list[int] | None = None) -> Params:
   """ShapeDtypeStructs for restoring a checkpoint without reading it first."""
-  dtype = jnp.dtype(cfg.dtype)
-  tree = param_shapes(cfg, slots_per_layer)
-  out = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), tree, is_leaf=_is_shape)
-  out["slot_map"] = jax.ShapeDtypeStruct(tree["slot_map"], jnp.int32)
+  return abstract_tree(param_shapes(cfg, slots_per_layer), cfg.dtype)
+
+
+def abstract_tree(shapes: Params, dtype: str) -> Params:
+  """A param_shapes tree (any family) as ShapeDtypeStructs; the slot map is int32."""
+  out = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.dtype(dtype)), shapes, is_leaf=_is_shape)
+  out["slot_map"] = jax.ShapeDtypeStruct(shapes["slot_map"], jnp.int32)
   return out
 
 
-def identity_slot_map(cfg: MixtralConfig) -> np.ndarray:
-  return np.tile(np.arange(cfg.num_experts, dtype=np.int32), (cfg.num_layers, 1))
+def identity_slot_map(cfg) -> np.ndarray:
+  """[L_moe, E]: expert e of every MoE layer in slot e (a single model, S = E)."""
+  return np.tile(np.arange(cfg.num_experts, dtype=np.int32), (cfg.num_moe_layers, 1))
 
 
 def init_params(cfg: MixtralConfig, seed: int = 0, scale: float = 0.02) -> Params:
   """Random parameters (normal * scale, norms at 1), S = E, identity slot map."""
+  return random_tree(cfg, param_shapes(cfg), seed, scale)
+
+
+def random_tree(cfg, shapes: Params, seed: int, scale: float) -> Params:
+  """Random leaves for a param_shapes tree of `cfg`'s family: normal * scale, norms near 1."""
   rng = np.random.default_rng(seed)
   dtype = jnp.dtype(cfg.dtype)
 
@@ -112,11 +121,10 @@ def init_params(cfg: MixtralConfig, seed: int = 0, scale: float = 0.02) -> Param
       return (1.0 + 0.1 * rng.standard_normal(shape)).astype(dtype)
     return (scale * rng.standard_normal(shape)).astype(dtype)
 
-  tree = param_shapes(cfg)
-  slot_shape = tree.pop("slot_map")
+  tree = {k: v for k, v in shapes.items() if k != "slot_map"}
   out = jax.tree_util.tree_map_with_path(make, tree, is_leaf=_is_shape)
   out["slot_map"] = identity_slot_map(cfg)
-  assert out["slot_map"].shape == slot_shape
+  assert out["slot_map"].shape == shapes["slot_map"]
   return out
 
 

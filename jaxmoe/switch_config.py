@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 from typing import Any
 
-from jaxmoe.config import ConfigError
+from jaxmoe.config import ConfigError, JsonConfig
 
 _REQUIRED_HF_KEYS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "num_experts")
 
@@ -41,7 +40,7 @@ def sparse_blocks(num_layers: int, step: int) -> tuple[bool, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class SwitchConfig:
+class SwitchConfig(JsonConfig):
   """Shapes and constants of a Switch Transformer (T5-style encoder-decoder with top-1 MoE)."""
 
   vocab_size: int  # V
@@ -152,22 +151,8 @@ class SwitchConfig:
         dtype=dtype,
     )
 
-  def to_json(self) -> str:
-    data = dataclasses.asdict(self)
-    data["routing"] = self.routing.value
-    return json.dumps(data, indent=2, sort_keys=True)
-
-  @classmethod
-  def from_json(cls, text: str) -> SwitchConfig:
-    data = json.loads(text)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-      raise ConfigError(f"jaxmoe config: unknown keys {unknown}")
-    return cls(**data)
-
-  def replace(self, **changes) -> SwitchConfig:
-    return dataclasses.replace(self, **changes)
+  def json_dict(self) -> dict[str, Any]:
+    return {**dataclasses.asdict(self), "routing": self.routing.value}
 
 
 PRESETS: dict[str, SwitchConfig] = {

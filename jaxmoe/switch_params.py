@@ -15,10 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.params import LayoutError, Params
+from jaxmoe.params import LayoutError, Params, abstract_tree, random_tree
+from jaxmoe.params import identity_slot_map  # noqa: F401  (part of every layout module's interface)
 from jaxmoe.switch_config import SwitchConfig
 
 EXPERT_NAMES = ("wi", "wo")
@@ -76,33 +76,12 @@ def param_shapes(cfg: SwitchConfig, slots_per_layer: list[int] | None = None) ->
 
 
 def abstract_params(cfg: SwitchConfig, slots_per_layer: list[int] | None = None) -> Params:
-  dtype = jnp.dtype(cfg.dtype)
-  tree = param_shapes(cfg, slots_per_layer)
-  out = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), tree, is_leaf=_is_shape)
-  out["slot_map"] = jax.ShapeDtypeStruct(tree["slot_map"], jnp.int32)
-  return out
-
-
-def identity_slot_map(cfg: SwitchConfig) -> np.ndarray:
-  return np.tile(np.arange(cfg.num_experts, dtype=np.int32), (cfg.num_moe_layers, 1))
+  return abstract_tree(param_shapes(cfg, slots_per_layer), cfg.dtype)
 
 
 def init_params(cfg: SwitchConfig, seed: int = 0, scale: float = 0.02) -> Params:
   """Random parameters (normal * scale, norms near 1), S = E, identity slot map."""
-  rng = np.random.default_rng(seed)
-  dtype = jnp.dtype(cfg.dtype)
-
-  def make(path, shape):
-    name = jax.tree_util.keystr(path)
-    if "norm" in name:
-      return (1.0 + 0.1 * rng.standard_normal(shape)).astype(dtype)
-    return (scale * rng.standard_normal(shape)).astype(dtype)
-
-  tree = param_shapes(cfg)
-  tree.pop("slot_map")
-  out = jax.tree_util.tree_map_with_path(make, tree, is_leaf=_is_shape)
-  out["slot_map"] = identity_slot_map(cfg)
-  return out
+  return random_tree(cfg, param_shapes(cfg), seed, scale)
 
 
 def check_params(cfg: SwitchConfig, params: Params) -> None:

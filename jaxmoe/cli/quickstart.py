@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pathlib
 import shutil
-import sys
 import tempfile
 import time
 
