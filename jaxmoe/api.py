@@ -28,6 +28,35 @@ def prompt_bucket(n: int) -> int:
   return max(8, 1 << (n - 1).bit_length())
 
 
+def pad_id(cfg) -> int:
+  """What fills a row after its EOS: the pad id, else EOS, else 0."""
+  return cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
+
+
+def decode_loop(logits, cache, step, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+                eos: int | None, pad: int) -> np.ndarray:
+  """Samples up to n tokens per row, calling `step(tokens [B], cache) -> (logits, cache)` between.
+
+  Rows that produced `eos` are padded from then on; decoding stops early when
+  every row has (HF `generate`). Returns int32 [B, n'] with n' <= n.
+  """
+  b = logits.shape[0]
+  seeds = jnp.full((b,), seed, jnp.int32)
+  temp = jnp.full((b,), temperature, jnp.float32)
+  nucleus = jnp.full((b,), top_p, jnp.float32)
+  new, done = [], np.zeros(b, bool)
+  for i in range(max_new_tokens):
+    nxt = np.asarray(sampling.sample(logits, seeds, jnp.full((b,), i, jnp.int32), temp, nucleus))
+    nxt = np.where(done, pad, nxt).astype(np.int32)
+    new.append(nxt)
+    if eos is not None:
+      done |= nxt == eos
+    if done.all() or i == max_new_tokens - 1:
+      break
+    logits, cache = step(nxt, cache)
+  return np.stack(new, axis=1)
+
+
 class Model:
   """One model (one tenant): config, device parameters, optional tokenizer."""
 
@@ -81,25 +110,13 @@ class Model:
     padded = np.zeros((b, prompt_bucket(t)), np.int32)
     padded[:, :t] = tokens
     cache = mixtral.init_cache(cfg, b, round_up(max(total, padded.shape[1]), CACHE_BLOCK))
-    seeds = jnp.full((b,), seed, jnp.int32)
-    temp = jnp.full((b,), temperature, jnp.float32)
-    nucleus = jnp.full((b,), top_p, jnp.float32)
-    eos = cfg.eos_token_id if stop_at_eos else None
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
-    new, done = [], np.zeros(b, bool)
+    pad = pad_id(cfg)
     with self._precision():
       logits, cache = mixtral.prefill(self.params, jnp.asarray(padded), jnp.asarray(lengths), cache, cfg, self.impl)
-      for step in range(max_new_tokens):
-        steps = jnp.full((b,), step, jnp.int32)
-        nxt = np.asarray(sampling.sample(logits, seeds, steps, temp, nucleus))
-        nxt = np.where(done, pad, nxt).astype(np.int32)
-        new.append(nxt)
-        if eos is not None:
-          done |= nxt == eos
-        if done.all() or step == max_new_tokens - 1:
-          break
-        logits, cache = mixtral.decode_step(self.params, jnp.asarray(nxt), cache, cfg, self.impl)
-    return self._assemble(tokens, lengths, np.stack(new, axis=1), pad)
+      step = lambda nxt, cache: mixtral.decode_step(self.params, jnp.asarray(nxt), cache, cfg, self.impl)
+      new = decode_loop(logits, cache, step, max_new_tokens, temperature, top_p, seed,
+                        cfg.eos_token_id if stop_at_eos else None, pad)
+    return self._assemble(tokens, lengths, new, pad)
 
   @staticmethod
   def _assemble(tokens, lengths, new, pad) -> np.ndarray:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe import sampling
-from jaxmoe.api import CACHE_BLOCK, Model, prompt_bucket, round_up
+from jaxmoe.api import CACHE_BLOCK, Model, decode_loop, pad_id, prompt_bucket, round_up
 from jaxmoe.models import switch
 
 
@@ -68,25 +67,12 @@ class SwitchModel(Model):
     padded[:, :u] = tokens
     cache = switch.init_cache(cfg, b, round_up(1 + max_new_tokens, CACHE_BLOCK), padded.shape[1])
     start = np.full((b, 1), cfg.decoder_start_token_id, np.int32)
-    seeds = jnp.full((b,), seed, jnp.int32)
-    temp = jnp.full((b,), temperature, jnp.float32)
-    nucleus = jnp.full((b,), top_p, jnp.float32)
-    eos = cfg.eos_token_id if stop_at_eos else None
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
-    new, done = [], np.zeros(b, bool)
     with self._precision():
       enc_lengths = jnp.asarray(lengths)
       enc = switch.encode(self.params, jnp.asarray(padded), enc_lengths, cfg, self.impl)
       logits, cache = switch.prefill(self.params, enc, enc_lengths, jnp.asarray(start),
                                      jnp.ones((b,), jnp.int32), cache, cfg, self.impl)
-      for step in range(max_new_tokens):
-        steps = jnp.full((b,), step, jnp.int32)
-        nxt = np.asarray(sampling.sample(logits, seeds, steps, temp, nucleus))
-        nxt = np.where(done, pad, nxt).astype(np.int32)
-        new.append(nxt)
-        if eos is not None:
-          done |= nxt == eos
-        if done.all() or step == max_new_tokens - 1:
-          break
-        logits, cache = switch.decode_step(self.params, jnp.asarray(nxt), cache, cfg, self.impl)
-    return np.concatenate([start, np.stack(new, axis=1)], axis=1)
+      step = lambda nxt, cache: switch.decode_step(self.params, jnp.asarray(nxt), cache, cfg, self.impl)
+      new = decode_loop(logits, cache, step, max_new_tokens, temperature, top_p, seed,
+                        cfg.eos_token_id if stop_at_eos else None, pad_id(cfg))
+    return np.concatenate([start, new], axis=1)
