@@ -176,7 +176,7 @@ def test_slots_strategy_is_bit_stable_when_the_pool_grows():
   np.testing.assert_array_equal(grown, base)
 
 
-@pytest.mark.parametrize("project", [mixtral.grouped_linear, mixtral.every_tenant_linear])
+@pytest.mark.parametrize("project", [mixtral.grouped_linear, mixtral.block_linear, mixtral.gathered_linear])
 def test_mixed_tenant_projections_match_per_row_products(project):
   rng = np.random.default_rng(10)
   x = rng.standard_normal((5, 3, 8)).astype(np.float32)

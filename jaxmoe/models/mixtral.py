@@ -40,10 +40,19 @@ def grouped_linear(x, w, ids):
   return jnp.zeros_like(y).at[order].set(y).reshape(b, t, -1)
 
 
-def every_tenant_linear(x, w, ids):
-  """Same result: every row times every tenant's weight in one product, then each row's own."""
-  every = jnp.einsum("BTI,KIO->BTKO", x, w)
-  return jnp.take_along_axis(every, ids[:, None, None, None], axis=2)[:, :, 0]
+def block_linear(x, w, ids):
+  """Same result: each row's input in its tenant's block of K blocks, zeros elsewhere, times every
+  tenant's weight stacked [K * I, O]: K times the flops, in one plain product with nothing to pick."""
+  b, t, i = x.shape
+  k = w.shape[0]
+  own = (ids[:, None] == jnp.arange(k)).astype(x.dtype)  # [B, K]
+  blocks = (own[:, None, :, None] * x[:, :, None, :]).reshape(b, t, k * i)
+  return jnp.einsum("BTJ,JO->BTO", blocks, w.reshape(k * i, -1))
+
+
+def gathered_linear(x, w, ids):
+  """Same result: each row's own weight gathered [B, I, O], then one batched product."""
+  return jnp.einsum("BTI,BIO->BTO", x, w[ids])
 
 
 @flax.struct.dataclass
@@ -70,10 +79,10 @@ class MixedTenants:
   Row b uses tenant `ids[b]`. On accelerators, projections sort the rows by
   tenant and run one `ragged_dot` per weight, so each tenant's weights are read
   once per step and each row is computed once. XLA's CPU `ragged_dot` computes
-  every group densely and slower than a plain product, so on CPUs one einsum
-  projects every row with every tenant's weight and each row keeps its own
-  tenant's result: K times the flops of one tenant, in a single dense product,
-  which measured fastest for small CPU batches (bench/serve_throughput.py).
+  every group densely, slower than a plain product, so CPUs use the variant
+  that measured fastest there (bench/serve_throughput.py): for one token per
+  row (decode), `block_linear`, K times the flops in one plain product; for
+  prompts, `gathered_linear`, whose weight copy is shared by the row's tokens.
   """
 
   ids: jax.Array  # [B] int32
@@ -83,7 +92,10 @@ class MixedTenants:
     b, t = x.shape[:2]
     out_shape = w.shape[x.ndim - 1 :]
     flat_w = w.reshape(w.shape[0], -1, int(np.prod(out_shape)))  # [K, I, O]
-    project = every_tenant_linear if jax.default_backend() == "cpu" else grouped_linear
+    if jax.default_backend() != "cpu":
+      project = grouped_linear
+    else:
+      project = block_linear if t == 1 else gathered_linear
     return project(x.reshape(b, t, -1), flat_w, self.ids).reshape(b, t, *out_shape)
 
   def vector(self, w):  # [K, D] -> [B, 1, D], broadcasting over T
