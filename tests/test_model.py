@@ -185,3 +185,18 @@ def test_mixed_tenant_projections_match_per_row_products(project):
   want = np.stack([x[b] @ w[ids[b]] for b in range(5)])
   got = np.asarray(jax.jit(project)(x, w, ids))
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=max_abs(got, want))
+
+
+@pytest.mark.parametrize("gather_limit", [0, mixtral.GATHER_LIMIT_BYTES])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_mixed_tenants_linear_matches_per_row_products(monkeypatch, gather_limit, tokens):
+  """Whichever CPU variant the shapes and the copy limit pick, rows get their own tenant's product."""
+  monkeypatch.setattr(mixtral, "GATHER_LIMIT_BYTES", gather_limit)
+  rng = np.random.default_rng(11)
+  x = rng.standard_normal((5, tokens, 4, 2)).astype(np.float32)  # [B, T, N, H]
+  w = rng.standard_normal((3, 4, 2, 6)).astype(np.float32)  # [K, N, H, D]
+  ids = np.array([1, 0, 2, 2, 1], np.int32)
+  want = np.stack([np.einsum("TNH,NHD->TD", x[b], w[ids[b]]) for b in range(5)])
+  ops = mixtral.MixedTenants(jnp.asarray(ids))
+  got = np.asarray(ops.linear("BTNH,NHD->BTD", jnp.asarray(x), jnp.asarray(w)))
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=max_abs(got, want))

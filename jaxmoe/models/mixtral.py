@@ -28,6 +28,7 @@ from jaxmoe.config import MixtralConfig
 from jaxmoe.moe import Impl, MoeSpec, Router, moe
 
 F32 = jnp.float32
+GATHER_LIMIT_BYTES = 64 << 20  # mixed batches on CPUs: largest per-row weight copy for one projection
 
 
 def grouped_linear(x, w, ids):
@@ -82,7 +83,8 @@ class MixedTenants:
   every group densely, slower than a plain product, so CPUs use the variant
   that measured fastest there (bench/serve_throughput.py): for one token per
   row (decode), `block_linear`, K times the flops in one plain product; for
-  prompts, `gathered_linear`, whose weight copy is shared by the row's tokens.
+  prompts, `gathered_linear`, whose weight copy is shared by the row's tokens
+  (while that copy stays under GATHER_LIMIT_BYTES).
   """
 
   ids: jax.Array  # [B] int32
@@ -92,10 +94,13 @@ class MixedTenants:
     b, t = x.shape[:2]
     out_shape = w.shape[x.ndim - 1 :]
     flat_w = w.reshape(w.shape[0], -1, int(np.prod(out_shape)))  # [K, I, O]
+    gathered_bytes = b * flat_w[0].size * flat_w.dtype.itemsize
     if jax.default_backend() != "cpu":
       project = grouped_linear
+    elif t > 1 and gathered_bytes <= GATHER_LIMIT_BYTES:
+      project = gathered_linear
     else:
-      project = block_linear if t == 1 else gathered_linear
+      project = block_linear
     return project(x.reshape(b, t, -1), flat_w, self.ids).reshape(b, t, *out_shape)
 
   def vector(self, w):  # [K, D] -> [B, 1, D], broadcasting over T
