@@ -88,9 +88,15 @@ def _ceilings(job):
   matmul = jax.jit(lambda p, q: p @ q)
   matmul_s = _time(matmul, (x, x), job["min_time_s"])
   dev = jax.devices()[0]
-  _emit(event="result", card=dev.device_kind, platform=dev.platform,
-        copy_gbps=2 * n * 2 / copy_s / 1e9, matmul_tflops=2 * m**3 / matmul_s / 1e12,
-        copy_bytes=2 * n * 2, matmul_shape=[m, m, m])
+  _emit(
+    event="result",
+    card=dev.device_kind,
+    platform=dev.platform,
+    copy_gbps=2 * n * 2 / copy_s / 1e9,
+    matmul_tflops=2 * m**3 / matmul_s / 1e12,
+    copy_bytes=2 * n * 2,
+    matmul_shape=[m, m, m],
+  )
 
 
 def _dense_einsum(x, router_logits, slot_map, pool, spec):
@@ -98,18 +104,18 @@ def _dense_einsum(x, router_logits, slot_map, pool, spec):
   import jax
   import jax.numpy as jnp
 
-  from jaxmoe.moe import expert_slots, route
+  from jaxmoe.nn.moe import expert_slots, route
 
   weights, experts = route(router_logits, spec.top_k, spec.router)
   slots = expert_slots(experts, slot_map)
   num_slots = pool["w1"].shape[0]
-  gate_w = jnp.einsum("TK,TKS->TS", weights, jax.nn.one_hot(slots, num_slots, dtype=jnp.float32))
+  gate_w = jnp.einsum("TK,TKX->TX", weights, jax.nn.one_hot(slots, num_slots, dtype=jnp.float32))
   f32 = jnp.float32
-  gate = jnp.einsum("TD,SDF->STF", x, pool["w1"], preferred_element_type=f32)
-  up = jnp.einsum("TD,SDF->STF", x, pool["w3"], preferred_element_type=f32)
+  gate = jnp.einsum("TD,XDF->XTF", x, pool["w1"], preferred_element_type=f32)
+  up = jnp.einsum("TD,XDF->XTF", x, pool["w3"], preferred_element_type=f32)
   h = (jax.nn.silu(gate) * up).astype(x.dtype)
-  y = jnp.einsum("STF,SFD->STD", h, pool["w2"], preferred_element_type=f32)
-  return jnp.einsum("TS,STD->TD", gate_w, y).astype(x.dtype)
+  y = jnp.einsum("XTF,XFD->XTD", h, pool["w2"], preferred_element_type=f32)
+  return jnp.einsum("TX,XTD->TD", gate_w, y).astype(x.dtype)
 
 
 def _layer(job):
@@ -119,7 +125,7 @@ def _layer(job):
   import jax.numpy as jnp
   import numpy as np
 
-  from jaxmoe.moe import Impl, MoeSpec, expert_slots, moe, route
+  from jaxmoe.nn.moe import Impl, MoeSpec, expert_slots, moe, route
 
   shape, t, variant = job["shape"], job["tokens"], job["variant"]
   d, f, e, k, dtype = shape["d"], shape["f"], shape["e"], shape["k"], jnp.dtype(shape["dtype"])
@@ -127,9 +133,11 @@ def _layer(job):
   x = jax.random.normal(keys[0], (t, d), dtype)
   logits = jax.random.normal(keys[1], (t, e), dtype)
   slot_map = jnp.arange(e, dtype=jnp.int32)
-  pool = {"w1": jax.random.normal(keys[2], (e, d, f), dtype) * 0.02,
-          "w3": jax.random.normal(keys[3], (e, d, f), dtype) * 0.02,
-          "w2": jax.random.normal(keys[4], (e, f, d), dtype) * 0.02}
+  pool = {
+    "w1": jax.random.normal(keys[2], (e, d, f), dtype) * 0.02,
+    "w3": jax.random.normal(keys[3], (e, d, f), dtype) * 0.02,
+    "w2": jax.random.normal(keys[4], (e, f, d), dtype) * 0.02,
+  }
   gpu = jax.default_backend() == "gpu"
   impl = {"pallas": Impl.PALLAS if gpu else Impl.PALLAS_INTERPRET, "ragged": Impl.RAGGED}.get(variant)
   spec = MoeSpec(top_k=k, impl=impl or Impl.DENSE)
@@ -146,8 +154,15 @@ def _layer(job):
   item = dtype.itemsize
   must_read = used * 3 * d * f * item + 2 * t * d * item + t * e * item
   flops = 2 * 3 * t * k * d * f
-  _emit(event="result", seconds=seconds, bytes=must_read, flops=flops, experts_used=used,
-        impl=(impl or Impl.DENSE).value if impl else "dense_einsum", platform=jax.default_backend())
+  _emit(
+    event="result",
+    seconds=seconds,
+    bytes=must_read,
+    flops=flops,
+    experts_used=used,
+    impl=(impl or Impl.DENSE).value if impl else "dense_einsum",
+    platform=jax.default_backend(),
+  )
 
 
 def _child(job_text: str):
@@ -180,8 +195,11 @@ def _run_child(job: dict) -> dict:
   threading.Thread(target=pump, daemon=True).start()
   threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
   phase, out = "setup", {}
-  limits = {"setup": FLAGS.setup_timeout_s, "compile": FLAGS.compile_timeout_s,
-            "run": max(120.0, 30 * FLAGS.min_time_s)}
+  limits = {
+    "setup": FLAGS.setup_timeout_s,
+    "compile": FLAGS.compile_timeout_s,
+    "run": max(120.0, 30 * FLAGS.min_time_s),
+  }
   deadline = time.monotonic() + limits[phase]
   while True:
     try:
@@ -212,16 +230,22 @@ def _versions() -> dict:
   import jaxlib
   import numpy
 
-  return {"python": platform.python_version(), "jax": jax.__version__,
-          "jaxlib": jaxlib.__version__, "numpy": numpy.__version__}
+  return {
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+    "numpy": numpy.__version__,
+  }
 
 
 def _row(r: dict) -> str:
   if r["status"] != "ok":
     return f"{r['variant']:>7} T={r['tokens']:<6} {r['status']}"
-  return (f"{r['variant']:>7} T={r['tokens']:<6} compile {r['compile_s']:7.2f} s  "
-          f"{r['seconds'] * 1e3:9.3f} ms  {r['gbps']:8.1f} GB/s ({r['pct_copy']:5.1f}%)  "
-          f"{r['tflops']:7.2f} TFLOP/s ({r['pct_matmul']:5.1f}%)  experts {r['experts_used']}")
+  return (
+    f"{r['variant']:>7} T={r['tokens']:<6} compile {r['compile_s']:7.2f} s  "
+    f"{r['seconds'] * 1e3:9.3f} ms  {r['gbps']:8.1f} GB/s ({r['pct_copy']:5.1f}%)  "
+    f"{r['tflops']:7.2f} TFLOP/s ({r['pct_matmul']:5.1f}%)  experts {r['experts_used']}"
+  )
 
 
 def main(argv):
@@ -240,8 +264,11 @@ def main(argv):
   results = []
   for t in tokens:
     for variant in FLAGS.variants:
-      r = {"variant": variant, "tokens": t,
-           **_run_child({"kind": "layer", "variant": variant, "tokens": t, "shape": shape, **common})}
+      r = {
+        "variant": variant,
+        "tokens": t,
+        **_run_child({"kind": "layer", "variant": variant, "tokens": t, "shape": shape, **common}),
+      }
       if r["status"] == "ok":
         r["gbps"] = r["bytes"] / r["seconds"] / 1e9
         r["tflops"] = r["flops"] / r["seconds"] / 1e12
@@ -251,12 +278,18 @@ def main(argv):
       print(_row(r), flush=True)
   now = datetime.datetime.now(datetime.timezone.utc)
   report = {
-      "benchmark": "moe_layer", "card": ceilings["card"], "platform": ceilings["platform"],
-      "date": now.isoformat(timespec="seconds"), "versions": _versions(), "small": FLAGS.small,
-      "shape": shape, "ceilings": ceilings, "compile_timeout_s": FLAGS.compile_timeout_s,
-      "notes": "gbps: bytes the layer must read (routed experts' weights, x, y, logits) / time; "
-               "tflops: 2*3*T*K*D*F routed FLOPs / time; pct_*: of the ceilings of this run",
-      "results": results,
+    "benchmark": "moe_layer",
+    "card": ceilings["card"],
+    "platform": ceilings["platform"],
+    "date": now.isoformat(timespec="seconds"),
+    "versions": _versions(),
+    "small": FLAGS.small,
+    "shape": shape,
+    "ceilings": ceilings,
+    "compile_timeout_s": FLAGS.compile_timeout_s,
+    "notes": "gbps: bytes the layer must read (routed experts' weights, x, y, logits) / time; "
+    "tflops: 2*3*T*K*D*F routed FLOPs / time; pct_*: of the ceilings of this run",
+    "results": results,
   }
   out_dir = pathlib.Path(FLAGS.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)

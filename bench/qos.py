@@ -1,6 +1,6 @@
 """QoS benchmark: `python bench/qos.py --profile=cpu-tiny` (the same as `jaxmoe-bench`).
 
-See jaxmoe/qos/README.md for the profiles and what each system emulates.
+See jaxmoe/bench/qos/README.md for the profiles and what each system emulates.
 """
 
 import pathlib
@@ -8,6 +8,6 @@ import sys
 
 if __name__ == "__main__":
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  from jaxmoe.qos.cli import run
+  from jaxmoe.cli.bench import run
 
   run()

@@ -42,28 +42,42 @@ flags.DEFINE_float("goal_ppl", 0.02, "Goal: consolidated perplexity within this 
 
 
 def entry(kind: str, label: str, scores: dict, memory_fraction: float, **extra) -> dict:
-  return {"kind": kind, "label": label, "memory_fraction": memory_fraction, **extra,
-          "scores": {t: s.as_dict() for t, s in scores.items()}}
+  return {
+    "kind": kind,
+    "label": label,
+    "memory_fraction": memory_fraction,
+    **extra,
+    "scores": {t: s.as_dict() for t, s in scores.items()},
+  }
 
 
 def consolidated_entries(built, cfg, suite, calibration: str) -> list[dict]:
-  from jaxmoe import quality
   from jaxmoe.consolidate import Metric, Owner
-  from jaxmoe.store import load_store
+  from jaxmoe.eval import quality
+  from jaxmoe.io.store import load_store
 
   out = []
   combos = list(itertools.product([float(d) for d in FLAGS.distinct], FLAGS.metrics, FLAGS.owners))
   with tempfile.TemporaryDirectory(prefix="jaxmoe-quality-") as tmp:
     for i, (distinct, metric, owner) in enumerate(combos):
       path = pathlib.Path(tmp) / f"store{i}"
-      header = quality.consolidate_at(built.tenants, path, cfg, distinct, Metric(metric), Owner(owner),
-                                      calibration)
+      header = quality.consolidate_at(built.tenants, path, cfg, distinct, Metric(metric), Owner(owner), calibration)
       models = quality.tenant_models(load_store(path))
       mem = quality.memory(header)
       label = f"consolidated {100 * distinct:.0f}% {metric}/{owner}"
-      out.append(entry("consolidated", label, suite.score(models), mem["memory_fraction"], distinct=distinct,
-                       metric=metric, owner=owner, store_bytes=mem["store_bytes"],
-                       distinct_experts=mem["distinct_experts"]))
+      out.append(
+        entry(
+          "consolidated",
+          label,
+          suite.score(models),
+          mem["memory_fraction"],
+          distinct=distinct,
+          metric=metric,
+          owner=owner,
+          store_bytes=mem["store_bytes"],
+          distinct_experts=mem["distinct_experts"],
+        )
+      )
       print(f"[{i + 1}/{len(combos)}] {label}: " + _ppl_line(out[-1]), flush=True)
   return out
 
@@ -85,34 +99,62 @@ def goals(entries: list[dict], tenants: list[str]) -> dict:
       continue
     ratio = {t: e["scores"][t]["perplexity"] / orig[t]["perplexity"] - 1 for t in tenants}
     beats = {t: e["scores"][t]["perplexity"] < best_merge[t] for t in tenants}
-    settings.append({"label": e["label"], "metric": e["metric"], "owner": e["owner"], "ppl_increase": ratio,
-                     "within_goal": all(r <= FLAGS.goal_ppl for r in ratio.values()),
-                     "beats_every_merge": all(beats.values()), "worst_increase": max(ratio.values())})
-  return {"goal_distinct": FLAGS.goal_distinct, "goal_ppl": FLAGS.goal_ppl, "specialised": specialised,
-          "all_specialised": all(specialised.values()), "best_merge_ppl": best_merge, "settings": settings,
-          "met_by": [s["label"] for s in settings if s["within_goal"] and s["beats_every_merge"]]}
+    settings.append(
+      {
+        "label": e["label"],
+        "metric": e["metric"],
+        "owner": e["owner"],
+        "ppl_increase": ratio,
+        "within_goal": all(r <= FLAGS.goal_ppl for r in ratio.values()),
+        "beats_every_merge": all(beats.values()),
+        "worst_increase": max(ratio.values()),
+      }
+    )
+  return {
+    "goal_distinct": FLAGS.goal_distinct,
+    "goal_ppl": FLAGS.goal_ppl,
+    "specialised": specialised,
+    "all_specialised": all(specialised.values()),
+    "best_merge_ppl": best_merge,
+    "settings": settings,
+    "met_by": [s["label"] for s in settings if s["within_goal"] and s["beats_every_merge"]],
+  }
 
 
 def _goals_md(g: dict) -> list[str]:
   specialised = ", ".join(f"{t} {'yes' if v else 'no'}" for t, v in g["specialised"].items())
   met = f"met by {', '.join(g['met_by'])}" if g["met_by"] else "MISSED by every setting"
-  lines = ["## Goals", "",
-           (f"- Specialised (each tenant beats the base on its own domain): "
-            f"{'met' if g['all_specialised'] else 'MISSED'} ({specialised})"),
-           (f"- At {100 * g['goal_distinct']:.0f}% distinct experts, every tenant within "
-            f"{100 * g['goal_ppl']:.0f}% of its original and better than every merging baseline: {met}"),
-           "", "| setting | worst ppl increase | within goal | beats every merge |", "|---|---:|:---:|:---:|"]
+  lines = [
+    "## Goals",
+    "",
+    (
+      f"- Specialised (each tenant beats the base on its own domain): "
+      f"{'met' if g['all_specialised'] else 'MISSED'} ({specialised})"
+    ),
+    (
+      f"- At {100 * g['goal_distinct']:.0f}% distinct experts, every tenant within "
+      f"{100 * g['goal_ppl']:.0f}% of its original and better than every merging baseline: {met}"
+    ),
+    "",
+    "| setting | worst ppl increase | within goal | beats every merge |",
+    "|---|---:|:---:|:---:|",
+  ]
   yes = lambda v: "yes" if v else "no"
   for s in g["settings"]:
-    lines.append(f"| {s['label']} | {100 * s['worst_increase']:+.2f}% | {yes(s['within_goal'])} | "
-                 f"{yes(s['beats_every_merge'])} |")
+    lines.append(
+      f"| {s['label']} | {100 * s['worst_increase']:+.2f}% | {yes(s['within_goal'])} | {yes(s['beats_every_merge'])} |"
+    )
   return lines
 
 
 def _table_md(tenants: list[str], entries: list[dict]) -> list[str]:
   orig = next(e for e in entries if e["kind"] == "original")["scores"]
-  lines = ["## All settings", "", "| setting | memory | " + " | ".join(tenants) + " | mean KL | mean top-1 |",
-           "|---|---:|" + "---:|" * len(tenants) + "---:|---:|"]
+  lines = [
+    "## All settings",
+    "",
+    "| setting | memory | " + " | ".join(tenants) + " | mean KL | mean top-1 |",
+    "|---|---:|" + "---:|" * len(tenants) + "---:|---:|",
+  ]
   for e in entries:
     cells = []
     for t in tenants:
@@ -128,11 +170,13 @@ def _table_md(tenants: list[str], entries: list[dict]) -> list[str]:
 
 def markdown(result: dict) -> str:
   tenants = result["tenants"]
-  intro = (f"Held-out rows per domain: {result['rows']} x {result['recipe']['seq_len']} bytes. Perplexity "
-           "of each tenant on its own domain (change vs its original); KL(original || model) and top-1 "
-           "agreement with the original, averaged over tenants. Memory: bytes held, as a fraction of K full "
-           "copies (a merge or the base is one model: 1/K). Consolidated rows: `distinct experts% "
-           "metric/owner`.")
+  intro = (
+    f"Held-out rows per domain: {result['rows']} x {result['recipe']['seq_len']} bytes. Perplexity "
+    "of each tenant on its own domain (change vs its original); KL(original || model) and top-1 "
+    "agreement with the original, averaged over tenants. Memory: bytes held, as a fraction of K full "
+    "copies (a merge or the base is one model: 1/K). Consolidated rows: `distinct experts% "
+    "metric/owner`."
+  )
   title = f"# Quality vs memory: recipe `{result['recipe']['name']}`, K = {len(tenants)} tenants"
   lines = [title, "", intro, ""]
   lines += _goals_md(result["goals"]) + [""] + _table_md(tenants, result["entries"])
@@ -173,22 +217,36 @@ def plot(result: dict, path: pathlib.Path) -> None:
 
 def readme(result: dict) -> str:
   v = result["versions"]
-  trained = (f"including training {', '.join(result['trained'])}" if result["trained"]
-             else "tenants loaded from the cache jaxmoe-demo / jaxmoe-train fill; without it the command "
-                  "trains them first, bit for bit the same on one machine")
-  return "\n".join([
-      "# Quality vs memory results", "",
-      "Reproduce (from the repository root, after `pip install -e .`):", "", "```bash", result["command"],
-      "```", "",
+  trained = (
+    f"including training {', '.join(result['trained'])}"
+    if result["trained"]
+    else "tenants loaded from the cache jaxmoe-demo / jaxmoe-train fill; without it the command "
+    "trains them first, bit for bit the same on one machine"
+  )
+  return "\n".join(
+    [
+      "# Quality vs memory results",
+      "",
+      "Reproduce (from the repository root, after `pip install -e .`):",
+      "",
+      "```bash",
+      result["command"],
+      "```",
+      "",
       f"- date: {result['date']}",
       f"- wall time: {result['seconds']:.0f} s ({trained})",
       f"- recipe: `{result['recipe']['name']}`, cache key `{result['recipe_key']}`",
-      (f"- versions: Python {v['python']}, jax {v['jax']}, numpy {v['numpy']}, optax {v['optax']}, "
-       f"{v['platform']}, backend {v['backend']}"),
+      (
+        f"- versions: Python {v['python']}, jax {v['jax']}, numpy {v['numpy']}, optax {v['optax']}, "
+        f"{v['platform']}, backend {v['backend']}"
+      ),
       "",
       "Files: `quality.md` (tables, goals), `quality.json` (every score), `quality_vs_memory.png`.",
       "The corpora come from the running Python's standard library, so another Python version trains",
-      "slightly different tenants: expect the same picture, not the same digits.", ""])
+      "slightly different tenants: expect the same picture, not the same digits.",
+      "",
+    ]
+  )
 
 
 def versions() -> dict:
@@ -196,14 +254,21 @@ def versions() -> dict:
   import numpy
   import optax
 
-  return {"python": platform.python_version(), "jax": jax.__version__, "numpy": numpy.__version__,
-          "optax": optax.__version__, "platform": platform.platform(), "backend": jax.default_backend()}
+  return {
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "numpy": numpy.__version__,
+    "optax": optax.__version__,
+    "platform": platform.platform(),
+    "backend": jax.default_backend(),
+  }
 
 
 def main(argv) -> None:
   del argv
-  from jaxmoe import checkpoint, quality
   from jaxmoe.cli.common import quiet_library_logs
+  from jaxmoe.eval import quality
+  from jaxmoe.io import checkpoint
   from jaxmoe.train import build, corpus, recipes
 
   quiet_library_logs()
@@ -214,17 +279,26 @@ def main(argv) -> None:
   originals = {t: checkpoint.load(p)[1] for t, p in built.tenants.items()}
   k = len(originals)
   suite = quality.Suite(cfg, originals, quality.heldout(recipe.domains, FLAGS.rows, recipe.seq_len))
-  entries = [entry("original", "original fine-tunes", suite.score(originals), 1.0),
-             entry("base", "base", suite.score_shared(base), 1.0 / k)]
+  entries = [
+    entry("original", "original fine-tunes", suite.score(originals), 1.0),
+    entry("base", "base", suite.score_shared(base), 1.0 / k),
+  ]
   for label, model in quality.merged_models(base, originals).items():
     entries.append(entry("merge", label, suite.score_shared(model), 1.0 / k))
   for e in entries:
     print(f"{e['label']}: {_ppl_line(e)}", flush=True)
   entries += consolidated_entries(built, cfg, suite, corpus.calibration_text(recipe.domains, recipe.seq_len))
-  result = {"recipe": json.loads(recipe.to_json()), "recipe_key": recipe.key, "tenants": suite.tenants,
-            "trained": list(built.trained), "rows": FLAGS.rows, "entries": entries, "versions": versions(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
+  result = {
+    "recipe": json.loads(recipe.to_json()),
+    "recipe_key": recipe.key,
+    "tenants": suite.tenants,
+    "trained": list(built.trained),
+    "rows": FLAGS.rows,
+    "entries": entries,
+    "versions": versions(),
+    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+  }
   result["goals"] = goals(entries, suite.tenants)
   result["seconds"] = time.perf_counter() - start
   out = pathlib.Path(FLAGS.out)
@@ -234,8 +308,7 @@ def main(argv) -> None:
   plot(result, out / "quality_vs_memory.png")
   (out / "README.md").write_text(readme(result))
   print(markdown(result).split("## All settings")[0])
-  print(f"wrote {out}/quality.md, quality.json, quality_vs_memory.png, README.md "
-        f"({result['seconds']:.0f} s)")
+  print(f"wrote {out}/quality.md, quality.json, quality_vs_memory.png, README.md ({result['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """jaxmoe: serve many fine-tuned Mixture-of-Experts LLMs from one accelerator."""
 
-from jaxmoe.api import Model, load
-from jaxmoe.config import MixtralConfig
-from jaxmoe.store import load_store
-from jaxmoe.switch_api import SwitchModel
-from jaxmoe.switch_config import SwitchConfig
+from jaxmoe.api import load
+from jaxmoe.families.mixtral import MixtralConfig, MixtralModel
+from jaxmoe.families.switch import SwitchConfig, SwitchModel
+from jaxmoe.generation import Model
+from jaxmoe.io.store import load_store
 
-__all__ = ["Model", "MixtralConfig", "SwitchConfig", "SwitchModel", "load", "load_store"]
-__version__ = "0.1.0"
+__all__ = ["MixtralConfig", "MixtralModel", "Model", "SwitchConfig", "SwitchModel", "load", "load_store"]
+__version__ = "0.2.0"

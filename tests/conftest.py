@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import pathlib
-
 import numpy as np
 import pytest
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-HF_FIXTURES = ("gqa4x2", "mqa4x1_window")
+from tests.helpers import FIXTURES, HF_FIXTURES
 
 
 @pytest.fixture(scope="session")
 def converted(tmp_path_factory):
   """name -> folder of the jaxmoe checkpoint converted from tests/fixtures/<name>."""
-  from checkpoints_convert.convert import convert
+  from jaxmoe.io.convert import convert
 
   root = tmp_path_factory.mktemp("converted")
   out = {}
@@ -26,7 +23,7 @@ def converted(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def models(converted):
-  """name -> loaded jaxmoe.Model, shared so jitted programs compile once."""
+  """name -> loaded MixtralModel, shared so jitted programs compile once."""
   import jaxmoe
 
   return {name: jaxmoe.load(path) for name, path in converted.items()}

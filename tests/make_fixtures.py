@@ -18,15 +18,32 @@ import numpy as np
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 CONFIGS = {
-    # 4 query / 2 kv heads, with a character tokenizer.json.
-    "gqa4x2": dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                   num_experts_per_tok=2, rope_theta=10000.0),
-    # 4 query / 1 kv head, head_dim != D / N, 8 experts, sliding window.
-    "mqa4x1_window": dict(vocab_size=80, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
-                          num_attention_heads=4, num_key_value_heads=1, head_dim=12,
-                          num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6,
-                          sliding_window=6),
+  # 4 query / 2 kv heads, with a character tokenizer.json.
+  "gqa4x2": dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    rope_theta=10000.0,
+  ),
+  # 4 query / 1 kv head, head_dim != D / N, 8 experts, sliding window.
+  "mqa4x1_window": dict(
+    vocab_size=80,
+    hidden_size=32,
+    intermediate_size=40,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=12,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    rope_theta=1e6,
+    sliding_window=6,
+  ),
 }
 NEW_TOKENS = 20
 
@@ -64,8 +81,9 @@ def build(name: str, kwargs: dict, seed: int) -> None:
   with torch.no_grad():
     logits = model(torch.tensor(tokens)).logits.float().numpy()
     prompt = torch.tensor(tokens[:1])
-    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
-                               do_sample=False).numpy()
+    generated = model.generate(
+      prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS, do_sample=False
+    ).numpy()
   np.savez(out / "golden.npz", tokens=tokens, logits=logits, generated=generated)
 
 

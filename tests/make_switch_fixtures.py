@@ -23,20 +23,48 @@ import numpy as np
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 CONFIGS = {
-    # Tied embeddings, 4 experts, one sparse encoder block (step 3), every decoder block sparse,
-    # a character tokenizer.json.
-    "switch_e4_tied": dict(
-        vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_heads=4, num_layers=3, num_sparse_encoder_layers=1,
-        num_decoder_layers=2, num_sparse_decoder_layers=2, num_experts=4, expert_capacity=64,
-        relative_attention_num_buckets=8, relative_attention_max_distance=20, tie_word_embeddings=True,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
-    # Untied embeddings, 8 experts, 3 heads of 6 (N * H = 18 != D = 24), sparse steps 2 and 3,
-    # expert capacity 2: tokens are dropped on 13-token prompts.
-    "switch_e8_capacity": dict(
-        vocab_size=80, d_model=24, d_kv=6, d_ff=40, num_heads=3, num_layers=4, num_sparse_encoder_layers=2,
-        num_decoder_layers=3, num_sparse_decoder_layers=1, num_experts=8, expert_capacity=2,
-        relative_attention_num_buckets=16, relative_attention_max_distance=32, tie_word_embeddings=False,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
+  # Tied embeddings, 4 experts, one sparse encoder block (step 3), every decoder block sparse,
+  # a character tokenizer.json.
+  "switch_e4_tied": dict(
+    vocab_size=96,
+    d_model=32,
+    d_kv=8,
+    d_ff=48,
+    num_heads=4,
+    num_layers=3,
+    num_sparse_encoder_layers=1,
+    num_decoder_layers=2,
+    num_sparse_decoder_layers=2,
+    num_experts=4,
+    expert_capacity=64,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=20,
+    tie_word_embeddings=True,
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+  ),
+  # Untied embeddings, 8 experts, 3 heads of 6 (N * H = 18 != D = 24), sparse steps 2 and 3,
+  # expert capacity 2: tokens are dropped on 13-token prompts.
+  "switch_e8_capacity": dict(
+    vocab_size=80,
+    d_model=24,
+    d_kv=6,
+    d_ff=40,
+    num_heads=3,
+    num_layers=4,
+    num_sparse_encoder_layers=2,
+    num_decoder_layers=3,
+    num_sparse_decoder_layers=1,
+    num_experts=8,
+    expert_capacity=2,
+    relative_attention_num_buckets=16,
+    relative_attention_max_distance=32,
+    tie_word_embeddings=False,
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+  ),
 }
 NEW_TOKENS = 20
 ENC_LENGTHS = (13, 9)
@@ -80,10 +108,14 @@ def hf_outputs(model, enc_tokens, enc_lengths, dec_tokens, new_tokens: int) -> d
   valid = np.arange(enc_tokens.shape[1])[None, :] < np.asarray(enc_lengths)[:, None]
   mask = torch.tensor(valid, dtype=torch.long)
   with torch.no_grad():
-    logits = model(input_ids=torch.tensor(enc_tokens), attention_mask=mask,
-                   decoder_input_ids=torch.tensor(dec_tokens)).logits.float().numpy()
-    generated = model.generate(torch.tensor(enc_tokens), attention_mask=mask, max_new_tokens=new_tokens,
-                               do_sample=False).numpy()
+    logits = (
+      model(input_ids=torch.tensor(enc_tokens), attention_mask=mask, decoder_input_ids=torch.tensor(dec_tokens))
+      .logits.float()
+      .numpy()
+    )
+    generated = model.generate(
+      torch.tensor(enc_tokens), attention_mask=mask, max_new_tokens=new_tokens, do_sample=False
+    ).numpy()
   return {"logits": logits, "generated": generated}
 
 

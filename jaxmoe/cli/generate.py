@@ -1,7 +1,7 @@
 """jaxmoe-generate: continue a prompt with a converted checkpoint.
 
-  jaxmoe-generate --ckpt=DIR --prompt="def f(x):" --max_new_tokens=32
-  jaxmoe-generate --ckpt=DIR --prompt_ids=1,2,3 --temperature=0.8 --seed=1
+jaxmoe-generate --ckpt=DIR --prompt="def f(x):" --max_new_tokens=32
+jaxmoe-generate --ckpt=DIR --prompt_ids=1,2,3 --temperature=0.8 --seed=1
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 
 from absl import app, flags
 
-from jaxmoe.cli.common import quiet_library_logs
+from jaxmoe.cli.common import define_moe_impl, quiet_library_logs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("ckpt", None, "jaxmoe checkpoint folder (from jaxmoe-convert).")
@@ -20,8 +20,7 @@ flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate.")
 flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_enum("moe_impl", "auto", ["auto", "dense", "ragged", "pallas", "pallas_interpret"],
-                  "MoE implementation (auto: Pallas on GPU, ragged_dot elsewhere).")
+define_moe_impl()
 
 
 def parse_ids(text: str) -> list[int]:
@@ -40,20 +39,20 @@ def main(argv) -> int:
   import numpy as np
 
   import jaxmoe
-  from jaxmoe.moe import Impl
+  from jaxmoe.nn.moe import Impl
 
   if (FLAGS.prompt is None) == (FLAGS.prompt_ids is None):
     raise app.UsageError("give exactly one of --prompt and --prompt_ids")
   try:
     model = jaxmoe.load(FLAGS.ckpt, impl=Impl(FLAGS.moe_impl))
     ids = parse_ids(FLAGS.prompt_ids) if FLAGS.prompt_ids is not None else model.encode(FLAGS.prompt)
-    out = model.generate(np.asarray([ids]), FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                         top_p=FLAGS.top_p, seed=FLAGS.seed)
+    out = model.generate(
+      np.asarray([ids]), FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed
+    )
   except (ValueError, OSError) as e:
     print(f"jaxmoe-generate: error: {e}", file=sys.stderr)
     return 1
-  # Decoder-only: prompt then new tokens; encoder-decoder (Switch): decoder start then new tokens.
-  new = out[0, 1:] if model.config.architecture == "switch" else out[0, len(ids):]
+  new = model.new_tokens(out[0], len(ids))
   print("ids:", ",".join(str(int(i)) for i in out[0]))
   if model.tokenizer is not None:
     print("text:", model.decode(out[0]))

@@ -28,13 +28,13 @@ def quickstart(workdir: pathlib.Path, prompt: str, max_new_tokens: int, seed: in
   import numpy as np
 
   import jaxmoe
-  from checkpoints_convert.convert import convert
-  from checkpoints_convert.export import write_hf
-  from jaxmoe import config, params
+  from jaxmoe.families.mixtral import config, layout
+  from jaxmoe.families.mixtral.export import write_hf
+  from jaxmoe.io.convert import convert
 
   cfg = config.preset("tiny")
   t0 = time.perf_counter()
-  hf_dir = write_hf(cfg, params.init_params(cfg, seed=seed, scale=0.2), workdir / "hf_tiny_mixtral")
+  hf_dir = write_hf(cfg, layout.init_params(cfg, seed=seed, scale=0.2), workdir / "hf_tiny_mixtral")
   print(f"1. wrote a random tiny Mixtral in HF safetensors layout: {hf_dir}")
   ckpt = workdir / "jaxmoe_tiny_mixtral"
   shutil.rmtree(ckpt, ignore_errors=True)
@@ -44,10 +44,10 @@ def quickstart(workdir: pathlib.Path, prompt: str, max_new_tokens: int, seed: in
   ids = model.encode(prompt)
   out = model.generate(np.asarray([ids]), max_new_tokens, stop_at_eos=False)
   print(f"3. generated {max_new_tokens} tokens (greedy) from {prompt!r}:")
-  print("   ids:", out[0, len(ids):].tolist())
-  print("   text:", repr(model.decode(out[0, len(ids):])))
-  full = model.logits(out[:, :-1]).argmax(-1)[0, len(ids) - 1:]
-  agree = bool((full == out[0, len(ids):]).all())
+  print("   ids:", out[0, len(ids) :].tolist())
+  print("   text:", repr(model.decode(out[0, len(ids) :])))
+  full = model.logits(out[:, :-1]).argmax(-1)[0, len(ids) - 1 :]
+  agree = bool((full == out[0, len(ids) :]).all())
   print(f"4. KV-cache decoding agrees with a full forward pass: {agree}")
   print(f"done in {time.perf_counter() - t0:.1f} s")
   if not agree:

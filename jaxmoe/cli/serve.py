@@ -14,20 +14,23 @@ import sys
 
 from absl import app, flags
 
-from jaxmoe.cli.common import quiet_library_logs
+from jaxmoe.cli.common import define_moe_impl, quiet_library_logs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("store", None, "Store folder from jaxmoe-consolidate.")
 flags.DEFINE_string("requests", None, "Input: one JSON request per line.")
 flags.DEFINE_string("out", None, "Output: one JSON response per input line.")
-flags.DEFINE_enum("mode", "mixed", ["swap", "resident", "mixed"],
-                  "swap: one backbone on the device, copied in on a tenant switch; resident: all backbones "
-                  "on the device; mixed: batches mix tenants.")
+flags.DEFINE_enum(
+  "mode",
+  "mixed",
+  ["swap", "resident", "mixed"],
+  "swap: one backbone on the device, copied in on a tenant switch; resident: all backbones "
+  "on the device; mixed: batches mix tenants.",
+)
 flags.DEFINE_integer("max_batch", 8, "Sequences decoded together.")
 flags.DEFINE_integer("max_seq_len", 512, "Longest prompt + max_tokens.")
 flags.DEFINE_float("max_wait_s", 1.0, "swap/resident: how long a tenant may wait before the batch switches to it.")
-flags.DEFINE_enum("moe_impl", "auto", ["auto", "dense", "ragged", "pallas", "pallas_interpret"],
-                  "MoE implementation.")
+define_moe_impl()
 flags.DEFINE_bool("progress", True, "Progress bar on stderr.")
 
 
@@ -40,14 +43,16 @@ def format_summary(s: dict) -> str:
   def ms(x):
     return "-" if x is None else f"{1e3 * x:.1f} ms"
 
-  return "\n".join([
+  return "\n".join(
+    [
       f"mode {s['mode']}: {s['requests']} requests ({s['completed']} served, {s['errors']} errors), "
       f"{s['completion_tokens']} tokens in {s['wall_s']:.2f} s = {s['tokens_per_s']:.1f} tokens/s",
       f"TTFT p50 {ms(s['ttft_p50_s'])}, p99 {ms(s['ttft_p99_s'])}; "
       f"turnaround p50 {ms(s['turnaround_p50_s'])}, p99 {ms(s['turnaround_p99_s'])}",
       f"switches {s['switches']} ({s['switch_bytes'] / 2**20:.1f} MiB, {s['switch_s']:.3f} s); "
       f"compiled programs {s['compilations']}; weights on device {s['device_weight_bytes'] / 2**20:.1f} MiB",
-  ])
+    ]
+  )
 
 
 def serve(lines: list[bytes], engine, out, progress: bool) -> dict:
@@ -77,7 +82,7 @@ def main(argv) -> int:
   del argv
   quiet_library_logs()
   import jaxmoe
-  from jaxmoe.moe import Impl
+  from jaxmoe.nn.moe import Impl
   from jaxmoe.serving import Engine, EngineConfig, Mode
 
   try:
@@ -94,8 +99,13 @@ def main(argv) -> int:
       store = jaxmoe.load_store(FLAGS.store)
     except (OSError, ValueError) as e:
       return fatal(f"cannot read --store: {e}")
-    config = EngineConfig(mode=Mode(FLAGS.mode), max_batch=FLAGS.max_batch, max_seq_len=FLAGS.max_seq_len,
-                          max_wait_s=FLAGS.max_wait_s, impl=Impl(FLAGS.moe_impl))
+    config = EngineConfig(
+      mode=Mode(FLAGS.mode),
+      max_batch=FLAGS.max_batch,
+      max_seq_len=FLAGS.max_seq_len,
+      max_wait_s=FLAGS.max_wait_s,
+      impl=Impl(FLAGS.moe_impl),
+    )
     try:
       engine = Engine(store, config)
     except ValueError as e:

@@ -1,18 +1,18 @@
-"""Distances between the K tenants' experts at one position (layer, logical expert).
+"""Distances between the A tenants' experts at one position (layer, logical expert).
 
-Every metric gives a symmetric [K, K] matrix with a zero diagonal. Bitwise
-identical experts get distance exactly 0 and are flagged in a separate [K, K]
+Every metric gives a symmetric [A, A] matrix with a zero diagonal. Bitwise
+identical experts get distance exactly 0 and are flagged in a separate [A, A]
 boolean matrix, so they can be merged before anything else whatever the
 metric's rounding does.
 
   l2      ||w_i - w_j||_2 over the flattened w1, w3, w2 (the paper; its score for
-          K > 2 is the sum over tenant pairs, see `pair_score`).
+          A > 2 tenants is the sum over tenant pairs, see `pair_score`).
   cosine  1 - <w_i, w_j> / (|w_i| |w_j|) over the same flattened vectors.
   output  mean over calibration tokens and D of (f_i(x) - f_j(x))^2, where f is
           the expert (SwiGLU, or Switch's ReLU) and x runs over the hidden states that every tenant
           produced at this layer's MoE input on the calibration text.
 
-Axis legend: K tenants, E experts, N calibration tokens, D model dim, F ffn dim.
+Axis names (jaxmoe/axes.py): A tenants, E experts, T calibration tokens, D model dim, F ffn dim.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.moe import expert_kind
+from jaxmoe.nn.moe import expert_kind
 
 F32 = jnp.float32
 
@@ -47,11 +47,10 @@ def _symmetric(k: int, values) -> jax.Array:
 
 @jax.jit
 def _l2(w: dict) -> jax.Array:
-  """w: {name: [K, ...]} -> [K, K]; differences taken directly (no Gram trick: it cancels)."""
+  """w: {name: [A, ...]} -> [A, A]; differences taken directly (no Gram trick: it cancels)."""
   names = expert_kind(w)[0]
   k = w[names[0]].shape[0]
-  sq = [sum(jnp.sum(jnp.square(w[n][i].astype(F32) - w[n][j].astype(F32))) for n in names)
-        for i, j in _pairs(k)]
+  sq = [sum(jnp.sum(jnp.square(w[n][i].astype(F32) - w[n][j].astype(F32))) for n in names) for i, j in _pairs(k)]
   return _symmetric(k, [jnp.sqrt(s) for s in sq])
 
 
@@ -71,15 +70,15 @@ def _cosine(w: dict) -> jax.Array:
 
 @jax.jit
 def _output(w: dict, x: jax.Array) -> jax.Array:
-  """x [N, D] hidden states; each tenant's expert applied to all of them."""
+  """x [T, D] hidden states; each tenant's expert applied to all of them."""
   names, expert = expert_kind(w)  # SwiGLU (Mixtral) or ReLU (Switch)
   k = w[names[0]].shape[0]
-  ys = [expert(x, *(w[n][i] for n in names)) for i in range(k)]  # K x [N, D] f32
+  ys = [expert(x, *(w[n][i] for n in names)) for i in range(k)]  # A x [T, D] f32
   return _symmetric(k, [jnp.mean(jnp.square(ys[i] - ys[j])) for i, j in _pairs(k)])
 
 
 def identical(w: dict[str, np.ndarray]) -> np.ndarray:
-  """w: {name: [K, ...]} -> [K, K] bool, True where two experts are equal bit for bit."""
+  """w: {name: [A, ...]} -> [A, A] bool, True where two experts are equal bit for bit."""
   names = expert_kind(w)[0]
   k = w[names[0]].shape[0]
   raw = {n: np.ascontiguousarray(w[n]).view(np.uint8).reshape(k, -1) for n in names}
@@ -90,16 +89,16 @@ def identical(w: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def pairwise(w: dict[str, np.ndarray], metric: Metric, inputs=None) -> tuple[np.ndarray, np.ndarray]:
-  """Distances between the K experts of one position.
+  """Distances between the A tenants' experts of one position.
 
   Args:
-    w: {"w1": [K, D, F], "w3": [K, D, F], "w2": [K, F, D]} (Switch: {"wi", "wo"}), tenant k's
+    w: {"w1": [A, D, F], "w3": [A, D, F], "w2": [A, F, D]} (Switch: {"wi", "wo"}), tenant k's
       expert at k.
     metric: which distance.
-    inputs: [N, D] hidden states, needed by Metric.OUTPUT only.
+    inputs: [T, D] hidden states, needed by Metric.OUTPUT only.
 
   Returns:
-    (dist [K, K] float64, same [K, K] bool); dist is exactly 0 where same is True.
+    (dist [A, A] float64, same [A, A] bool); dist is exactly 0 where same is True.
   """
   with jax.default_matmul_precision("highest"):
     if metric is Metric.L2:
@@ -118,11 +117,10 @@ def pairwise(w: dict[str, np.ndarray], metric: Metric, inputs=None) -> tuple[np.
 
 
 def layer_distances(experts: list[dict], metric: Metric, inputs=None) -> tuple[np.ndarray, np.ndarray]:
-  """experts: K tenants' {name: [E, ...]} of one layer -> (dist [E, K, K], same [E, K, K])."""
+  """experts: A tenants' {name: [E, ...]} of one layer -> (dist [E, A, A], same [E, A, A])."""
   names = expert_kind(experts[0])[0]
   num_experts = experts[0][names[0]].shape[0]
-  out = [pairwise({n: np.stack([t[n][e] for t in experts]) for n in names}, metric, inputs)
-         for e in range(num_experts)]
+  out = [pairwise({n: np.stack([t[n][e] for t in experts]) for n in names}, metric, inputs) for e in range(num_experts)]
   return np.stack([d for d, _ in out]), np.stack([s for _, s in out])
 
 

@@ -22,12 +22,14 @@ import numpy as np
 
 from jaxmoe.consolidate import calibrate, report
 from jaxmoe.consolidate.distance import Metric, layer_distances, pair_score
-from jaxmoe.consolidate.errors import ConsolidateError
 from jaxmoe.consolidate.select import GB, Owner, Plan, Selection, check_budget, select
 from jaxmoe.consolidate.tenants import check_names, logical_experts, open_tenants
-from jaxmoe.moe import Impl
-from jaxmoe.store import StoreWriter, expert_bytes, store_writer
-from jaxmoe.tokenizer import load_tokenizer
+from jaxmoe.errors import ConsolidateError
+from jaxmoe.families import registry
+from jaxmoe.io.store import StoreWriter, expert_bytes, store_writer
+from jaxmoe.io.tokenizer import load_tokenizer
+from jaxmoe.nn.moe import Impl
+from jaxmoe.nn.precision import precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +69,9 @@ class ConsolidateConfig:
     return Selection(self.budget_bytes, self.share_fraction, self.owner, names.index(base))
 
 
-def consolidate(tenants: Sequence[tuple[str, str | os.PathLike]], out: str | os.PathLike,
-                ccfg: ConsolidateConfig) -> dict:
+def consolidate(
+  tenants: Sequence[tuple[str, str | os.PathLike]], out: str | os.PathLike, ccfg: ConsolidateConfig
+) -> dict:
   """Consolidates K >= 2 tenant checkpoints into one store.
 
   Args:
@@ -110,8 +113,9 @@ def _calibration_inputs(readers, ccfg: ConsolidateConfig, globs: dict) -> dict:
   out = {}
   for name, r in readers.items():
     tok = load_tokenizer(r.path, r.config)
-    tokens = calibrate.calibration_tokens(ccfg.calibration_text, tok, r.config, ccfg.calibration_tokens,
-                                          ccfg.calibration_seq_len)
+    tokens = calibrate.calibration_tokens(
+      ccfg.calibration_text, tok, r.config, ccfg.calibration_tokens, ccfg.calibration_seq_len
+    )
     out[name] = calibrate.embed(globs[name], tokens)
   return out
 
@@ -124,12 +128,15 @@ def _distance_pass(readers, w: StoreWriter, ccfg: ConsolidateConfig) -> tuple[np
   """
   first = next(iter(readers.values()))
   cfg = first.config
-  if ccfg.metric is Metric.OUTPUT and cfg.architecture != "mixtral":
-    raise ConsolidateError(f"--metric=output runs Mixtral layers; use l2 or cosine for {cfg.architecture}")
+  step = registry.of(cfg).calibration_step
+  if ccfg.metric is Metric.OUTPUT and step is None:
+    raise ConsolidateError(
+      f"--metric=output runs one layer at a time, which {cfg.architecture} does not offer; use l2 or cosine"
+    )
   globs = {}
   for name, r in readers.items():
-    globs[name] = r.read_globals()
-    w.write_backbone_globals(name, globs[name])
+    globs[name] = r.read_part("globals")
+    w.write_backbone_part(name, "globals", globs[name])
   xs = _calibration_inputs(readers, ccfg, globs) if ccfg.metric is Metric.OUTPUT else None
   del globs
   dists, sames = [], []
@@ -146,10 +153,10 @@ def _distance_pass(readers, w: StoreWriter, ccfg: ConsolidateConfig) -> tuple[np
     inputs = None
     if xs is not None:
       hidden = []
-      with calibrate.precision(cfg):
+      with precision(cfg.dtype):
         for name, (layer, pool) in layers.items():
           row = jnp.asarray(readers[name].slot_map[i])
-          xs[name], h = calibrate.layer_step(layer, pool, row, xs[name], cfg, ccfg.impl)
+          xs[name], h = step(layer, pool, row, xs[name], cfg, ccfg.impl)
           hidden.append(h.reshape(-1, cfg.hidden_size))
       inputs = jnp.concatenate(hidden)
     d, s = layer_distances(experts, ccfg.metric, inputs)
@@ -159,7 +166,7 @@ def _distance_pass(readers, w: StoreWriter, ccfg: ConsolidateConfig) -> tuple[np
 
 
 def build_pool(groups, experts: list[dict]) -> dict[str, np.ndarray]:
-  """One layer's pool {name: [S, ...]} from the plan's groups and the K tenants' experts [E, ...]."""
+  """One layer's pool {name: [X, ...]} from the plan's groups and the A tenants' experts [E, ...]."""
   pool = {}
   for n in experts[0]:
     like = experts[0][n]
@@ -185,34 +192,44 @@ def describe(names, readers, ccfg: ConsolidateConfig, sel: Selection, plan: Plan
   positions = []
   for l, groups in enumerate(plan.layers):
     for e in range(cfg.num_experts):
-      positions.append({
-          "layer": l, "expert": e, "score": pair_score(dist[l, e]),
+      positions.append(
+        {
+          "layer": l,
+          "expert": e,
+          "score": pair_score(dist[l, e]),
           "distances": dist[l, e].tolist(),
           "groups": [_group_json(g, s, names) for s, g in enumerate(groups) if g.expert == e],
-      })
+        }
+      )
   k = len(names)
   selection = {
-      "mode": "budget" if sel.budget_bytes is not None else "fraction",
-      "budget_gb": ccfg.budget_gb, "budget_bytes": sel.budget_bytes, "budget_counts": "pool",
-      "share_fraction": ccfg.share_fraction,
-      "experts_before": len(plan.layers) * cfg.num_experts * k, "unique_experts": plan.unique_experts,
-      "joins_possible": plan.joins_possible, "joins_identical": plan.joins_identical,
-      "joins_applied": plan.joins_applied,
+    "mode": "budget" if sel.budget_bytes is not None else "fraction",
+    "budget_gb": ccfg.budget_gb,
+    "budget_bytes": sel.budget_bytes,
+    "budget_counts": "pool",
+    "share_fraction": ccfg.share_fraction,
+    "experts_before": len(plan.layers) * cfg.num_experts * k,
+    "unique_experts": plan.unique_experts,
+    "joins_possible": plan.joins_possible,
+    "joins_identical": plan.joins_identical,
+    "joins_applied": plan.joins_applied,
   }
   return {
-      "metric": ccfg.metric.value,
-      "owner": ccfg.owner.value,
-      "base_tenant": names[sel.base] if sel.owner is Owner.BASE else None,
-      "selection": selection,
-      "calibration_tokens": ccfg.calibration_tokens if ccfg.metric is Metric.OUTPUT else None,
-      "sources": {name: str(readers[name].path) for name in names},
-      "positions": positions,
+    "metric": ccfg.metric.value,
+    "owner": ccfg.owner.value,
+    "base_tenant": names[sel.base] if sel.owner is Owner.BASE else None,
+    "selection": selection,
+    "calibration_tokens": ccfg.calibration_tokens if ccfg.metric is Metric.OUTPUT else None,
+    "sources": {name: str(readers[name].path) for name in names},
+    "positions": positions,
   }
 
 
 def _group_json(g, slot: int, names: list[str]) -> dict:
   return {
-      "tenants": [names[t] for t in g.members], "slot": slot,
-      "owner": "average" if g.owner is None else names[g.owner],
-      "height": g.height, "identical": g.exact and len(g.members) > 1,
+    "tenants": [names[t] for t in g.members],
+    "slot": slot,
+    "owner": "average" if g.owner is None else names[g.owner],
+    "height": g.height,
+    "identical": g.exact and len(g.members) > 1,
   }

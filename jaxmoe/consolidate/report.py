@@ -7,6 +7,7 @@ store's total.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
 
@@ -16,7 +17,7 @@ import numpy as np
 def per_tenant(header: dict) -> list[dict]:
   """[{tenant, before, after, saving}] in bytes; `saving` is a fraction of `before`."""
   tenants, b = header["tenants"], header["bytes"]
-  maps = np.stack([np.asarray(header["slot_maps"][t]) for t in tenants])  # [K, L, E]
+  maps = np.stack([np.asarray(header["slot_maps"][t]) for t in tenants])  # [A, L, E]
   after = {t: float(b["backbones"][t]) for t in tenants}
   for l, slots in enumerate(header["slots_per_layer"]):
     users = np.bincount(maps[:, l].ravel(), minlength=slots)  # tenants per slot
@@ -32,16 +33,16 @@ def per_tenant(header: dict) -> list[dict]:
 def summary(header: dict) -> dict:
   b = header["bytes"]
   return {
-      "tenants": header["tenants"],
-      "metric": header["metric"],
-      "owner": header["owner"],
-      "base_tenant": header.get("base_tenant"),
-      "selection": header["selection"],
-      "bytes": b,
-      "saving": 1.0 - b["total"] / b["full_copies"],
-      "per_tenant": per_tenant(header),
-      "slots_per_layer": header["slots_per_layer"],
-      "positions": header["positions"],
+    "tenants": header["tenants"],
+    "metric": header["metric"],
+    "owner": header["owner"],
+    "base_tenant": header.get("base_tenant"),
+    "selection": header["selection"],
+    "bytes": b,
+    "saving": 1.0 - b["total"] / b["full_copies"],
+    "per_tenant": per_tenant(header),
+    "slots_per_layer": header["slots_per_layer"],
+    "positions": header["positions"],
   }
 
 
@@ -59,15 +60,18 @@ def table(header: dict) -> str:
   width = max(12, *(len(r["tenant"]) for r in rows))
   lines = [f"{'tenant':<{width}}  {'before':>11}  {'after':>11}  {'saving':>7}"]
   for r in rows:
-    lines.append(f"{r['tenant']:<{width}}  {human(r['before']):>11}  {human(r['after']):>11}  "
-                 f"{100 * r['saving']:6.1f}%")
+    lines.append(
+      f"{r['tenant']:<{width}}  {human(r['before']):>11}  {human(r['after']):>11}  {100 * r['saving']:6.1f}%"
+    )
   total_saving = 1.0 - b["total"] / b["full_copies"]
-  lines.append(f"{'total':<{width}}  {human(b['full_copies']):>11}  {human(b['total']):>11}  "
-               f"{100 * total_saving:6.1f}%")
+  lines.append(
+    f"{'total':<{width}}  {human(b['full_copies']):>11}  {human(b['total']):>11}  {100 * total_saving:6.1f}%"
+  )
   budget = f", budget {human(sel['budget_bytes'])} (pool only)" if sel["budget_bytes"] is not None else ""
   lines.append(
-      f"pool: {sel['unique_experts']} of {sel['experts_before']} experts, {human(b['pool'])}{budget}; "
-      f"backbones: {human(b['backbones_total'])}; metric {header['metric']}, owner {header['owner']}")
+    f"pool: {sel['unique_experts']} of {sel['experts_before']} experts, {human(b['pool'])}{budget}; "
+    f"backbones: {human(b['backbones_total'])}; metric {header['metric']}, owner {header['owner']}"
+  )
   return "\n".join(lines)
 
 
@@ -114,8 +118,11 @@ def plot(header: dict, path: pathlib.Path) -> None:
   fig.savefig(path, dpi=100, metadata={"Software": None})
 
 
-def write(folder: pathlib.Path, header: dict) -> None:
-  """report.json and similarity.png into the store folder."""
+def write(folder: pathlib.Path, header: dict) -> list[str]:
+  """report.json, and similarity.png where matplotlib is installed (the `plot` extra); the names written."""
   folder = pathlib.Path(folder)
   (folder / "report.json").write_text(json.dumps(summary(header), indent=1))
+  if importlib.util.find_spec("matplotlib") is None:
+    return ["report.json"]
   plot(header, folder / "similarity.png")
+  return ["report.json", "similarity.png"]

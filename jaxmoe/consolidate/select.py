@@ -1,7 +1,7 @@
 """Which experts to share: per-position grouping, a global budget, and owners.
 
 Grouping. At each position (layer l, logical expert e) the K tenants' experts
-are clustered by complete linkage on the [K, K] distance matrix: repeatedly
+are clustered by complete linkage on the [A, A] distance matrix: repeatedly
 join the two groups whose farthest members are closest. Each join removes one
 expert from the pool and costs its height (the largest distance inside the new
 group), so every member of a group is within that distance of every other.
@@ -39,7 +39,7 @@ import math
 
 import numpy as np
 
-from jaxmoe.consolidate.errors import ConsolidateError
+from jaxmoe.errors import ConsolidateError
 
 GB = 10**9  # budgets are in decimal gigabytes
 
@@ -93,7 +93,7 @@ class Group:
 @dataclasses.dataclass(frozen=True)
 class Plan:
   layers: tuple[tuple[Group, ...], ...]  # layers[l][s]: slot s of layer l's pool
-  slot_maps: np.ndarray  # [K, L, E] int32
+  slot_maps: np.ndarray  # [A, L, E] int32
   joins_possible: int
   joins_identical: int
   joins_applied: int
@@ -108,7 +108,7 @@ class Plan:
 
 
 def cluster(dist: np.ndarray, same: np.ndarray) -> Dendrogram:
-  """Complete linkage over K items: dist [K, K] float, same [K, K] bool.
+  """Complete linkage over A items: dist [A, A] float, same [A, A] bool.
 
   Lance-Williams update: the link of A u B to C is the max of A's and B's, for
   the distance and for "some pair differs" alike. Ties go to the lowest pair of
@@ -142,9 +142,10 @@ def check_budget(budget_bytes: int, num_layers: int, num_experts: int, expert_by
   smallest = num_layers * num_experts * expert_bytes
   if budget_bytes < smallest:
     raise ConsolidateError(
-        f"budget {budget_bytes / GB:.9g} GB ({budget_bytes} bytes) is below the smallest possible pool, "
-        f"{num_layers * num_experts} experts x {expert_bytes} bytes = {smallest} bytes "
-        f"({smallest / GB:.9g} GB) with every position fully shared")
+      f"budget {budget_bytes / GB:.9g} GB ({budget_bytes} bytes) is below the smallest possible pool, "
+      f"{num_layers * num_experts} experts x {expert_bytes} bytes = {smallest} bytes "
+      f"({smallest / GB:.9g} GB) with every position fully shared"
+    )
 
 
 def joins_to_apply(sel: Selection, total: int, possible: int, identical: int, expert_bytes: int) -> int:
@@ -161,13 +162,16 @@ def joins_to_apply(sel: Selection, total: int, possible: int, identical: int, ex
 
 def ranked_joins(dendros: list[list[Dendrogram]]) -> list[tuple[int, int, int]]:
   """(layer, expert, step) of every join, in the global order they are applied."""
-  keys = [(not d.exact[m], d.heights[m], l, e, m)
-          for l, row in enumerate(dendros) for e, d in enumerate(row) for m in range(len(d.heights))]
+  keys = [
+    (not d.exact[m], d.heights[m], l, e, m)
+    for l, row in enumerate(dendros)
+    for e, d in enumerate(row)
+    for m in range(len(d.heights))
+  ]
   return [(l, e, m) for _, _, l, e, m in sorted(keys)]
 
 
-def choose_owner(members: tuple[int, ...], dist: np.ndarray, exact: bool, sel: Selection,
-                 rotation: int) -> int | None:
+def choose_owner(members: tuple[int, ...], dist: np.ndarray, exact: bool, sel: Selection, rotation: int) -> int | None:
   """The tenant whose copy a group keeps (None: average); `rotation` = l*E + e."""
   if len(members) == 1 or exact:
     return members[0]

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from jaxmoe import checkpoint
-from jaxmoe.consolidate.errors import ConsolidateError
-from jaxmoe.store import StoreError, check_tenant_names
+from jaxmoe.errors import ConsolidateError
+from jaxmoe.io import checkpoint
+from jaxmoe.io.store import StoreError, check_tenant_names
 
 
 def parse_tenant(text: str) -> tuple[str, str]:
@@ -84,7 +84,7 @@ def open_tenants(tenants: dict[str, str | os.PathLike]) -> Iterator[dict[str, ch
 
 
 def logical_experts(pool: dict, slot_map_row: np.ndarray) -> dict[str, np.ndarray]:
-  """A layer's pool [S, ...] and slot map row [E] -> logical experts {name: [E, ...]}."""
+  """A layer's pool [X, ...] and slot map row [E] -> logical experts {name: [E, ...]}."""
   if np.array_equal(slot_map_row, np.arange(next(iter(pool.values())).shape[0])):
     return {n: np.asarray(w) for n, w in pool.items()}  # a plain checkpoint: no copy
   return {n: np.asarray(w)[slot_map_row] for n, w in pool.items()}

@@ -1,6 +1,7 @@
 """Multi-tenant serving: requests, the continuous-batching engine, tenant weight modes."""
 
+from jaxmoe.errors import RequestError
 from jaxmoe.serving.engine import Engine, EngineConfig, Mode
-from jaxmoe.serving.requests import Request, RequestError
+from jaxmoe.serving.requests import Request
 
 __all__ = ["Engine", "EngineConfig", "Mode", "Request", "RequestError"]

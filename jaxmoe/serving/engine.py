@@ -15,30 +15,39 @@ scheduler keeps serving the current tenant while others wait at most
 `max_wait_s`, then drains the batch and switches to the longest-waiting
 tenant. Mixed batches any tenants together and never switches.
 
-The model family is a narrow hook (`model_family`): `DecoderOnly` prefills
-prompts into the KV cache (Mixtral); `seq2seq.EncoderDecoder` encodes them and
-starts the decoder (Switch), so the scheduler and the modes are shared.
+The model family is a narrow hook (its registry entry's `engine`): a
+decoder-only family prefills prompts into the KV cache (Mixtral); an
+encoder-decoder family encodes them and starts the decoder (Switch), so the
+scheduler and the modes are shared.
+
+Besides the loop, a small public surface for code that drives or measures an
+engine: `stats()`, `num_running`, `num_waiting`, `free_rows`,
+`next_step_load()` and `close()`.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe import sampling
-from jaxmoe.models import mixtral
-from jaxmoe.moe import Impl
+from jaxmoe import buckets
+from jaxmoe.devices import free, to_device
+from jaxmoe.errors import RequestError
+from jaxmoe.families import registry
+from jaxmoe.nn import sampling
+from jaxmoe.nn.moe import Impl
+from jaxmoe.nn.tenancy import MixedTenants, SingleTenant
 from jaxmoe.serving import requests as req_lib
-from jaxmoe.serving import seq2seq
-from jaxmoe.serving.requests import Request, RequestError
-from jaxmoe.serving.weights import Mode, make_weights, to_device
+from jaxmoe.serving.requests import Request
+from jaxmoe.serving.scheduler import starving
+from jaxmoe.serving.weights import Mode, make_weights
+from jaxmoe.trees import tree_bytes
 
 TokenCallback = Callable[[str, int, str], None]  # (request id, token id, text delta)
 
@@ -50,54 +59,6 @@ class EngineConfig:
   max_seq_len: int = 256  # prompt + max_tokens must fit
   max_wait_s: float = 1.0  # swap/resident: how long another tenant may wait before a switch
   impl: Impl = Impl.AUTO
-
-
-def pow2_bucket(n: int, cap: int, floor: int = 1) -> int:
-  return min(cap, max(floor, 1 << (n - 1).bit_length()))
-
-
-@functools.partial(jax.jit, donate_argnames=("cache",))
-def insert_rows(cache: mixtral.KVCache, small: mixtral.KVCache, rows):
-  """Copies a prefilled small cache [L, b, T, ...] into batch rows `rows` [b] (out of range: dropped)."""
-  t = small.k.shape[2]
-  return cache.replace(
-      k=cache.k.at[:, rows, :t].set(small.k, mode="drop"),
-      v=cache.v.at[:, rows, :t].set(small.v, mode="drop"),
-      lengths=cache.lengths.at[rows].set(small.lengths, mode="drop"),
-  )
-
-
-class DecoderOnly:
-  """Engine hooks for Mixtral: the prompt and its new tokens share max_seq_len cache positions."""
-
-  jitted = (mixtral.prefill, mixtral.decode_step, insert_rows)
-
-  def init_cache(self, cfg, batch: int, max_len: int) -> mixtral.KVCache:
-    return mixtral.init_cache(cfg, batch, max_len)
-
-  def check_lengths(self, prompt_len: int, max_tokens: int, limit: int) -> None:
-    if prompt_len >= limit:
-      raise RequestError(f"prompt has {prompt_len} tokens; the maximum is {limit - 1} (max_seq_len={limit})")
-    if prompt_len + max_tokens > limit:
-      raise RequestError(f"'max_tokens'={max_tokens} is above the limit {limit - prompt_len} for this "
-                         f"{prompt_len}-token prompt (max_seq_len={limit})")
-
-  def admit(self, params, tokens, lengths, cache, rows, cfg, impl: Impl, ops):
-    """Prefills prompts [b, T] of `lengths` [b] into batch rows `rows` [b] of the (donated) cache.
-
-    Returns (next-token logits [b, V], cache).
-    """
-    small = mixtral.init_cache(cfg, tokens.shape[0], tokens.shape[1])
-    logits, small = mixtral.prefill(params, tokens, lengths, small, cfg, impl, ops)
-    return logits, insert_rows(cache, small, rows)
-
-  def decode_step(self, params, tokens, cache, cfg, impl: Impl, ops):
-    return mixtral.decode_step(params, tokens, cache, cfg, impl, ops)
-
-
-def model_family(cfg):
-  """The engine hooks of `cfg`'s architecture."""
-  return seq2seq.EncoderDecoder() if cfg.architecture == "switch" else DecoderOnly()
 
 
 @dataclasses.dataclass
@@ -116,16 +77,21 @@ class Sequence:
 class Engine:
   """Serves requests for the tenants of a store (see module docstring)."""
 
-  def __init__(self, store, config: EngineConfig = EngineConfig(), tokenizer=None,
-               on_token: TokenCallback | None = None, clock: Callable[[], float] = time.perf_counter):
+  def __init__(
+    self,
+    store,
+    config: EngineConfig = EngineConfig(),
+    tokenizer=None,
+    on_token: TokenCallback | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+  ):
     self.config, self.cfg, self.clock, self.on_token = config, store.config, clock, on_token
     if config.max_batch < 1 or config.max_seq_len < 2:
       raise ValueError(f"need max_batch >= 1 and max_seq_len >= 2, got {config}")
-    max_positions = getattr(self.cfg, "max_position_embeddings", None)  # Switch: relative positions, no limit
+    max_positions = self.cfg.max_positions  # None: relative positions, no limit
     if max_positions is not None and config.max_seq_len > max_positions:
-      raise ValueError(f"max_seq_len={config.max_seq_len} exceeds the model's "
-                       f"max_position_embeddings={max_positions}")
-    self.family = model_family(self.cfg)
+      raise ValueError(f"max_seq_len={config.max_seq_len} exceeds the model's max_position_embeddings={max_positions}")
+    self.family = registry.of(self.cfg).engine
     self.tokenizer = tokenizer if tokenizer is not None else getattr(store, "tokenizer", None)
     self.weights = make_weights(config.mode, store)
     # Committed like the jitted steps' outputs, so the first step does not compile a second variant.
@@ -223,12 +189,7 @@ class Engine:
     return chosen
 
   def _starving(self, current: str | None) -> str | None:
-    """The tenant, other than `current`, of the longest-waiting request past max_wait_s."""
-    now = self.clock()
-    for s in self.waiting:  # arrival order
-      if s.request.model != current:
-        return s.request.model if now - s.arrival > self.config.max_wait_s else None
-    return None
+    return starving(((s.request.model, s.arrival) for s in self.waiting), current, self.clock(), self.config.max_wait_s)
 
   def _params_and_ops(self, seqs):
     if self.config.mode is Mode.MIXED:
@@ -237,15 +198,15 @@ class Engine:
         if len(self._ids_on_device) > 64:
           self._ids_on_device.clear()
         self._ids_on_device[ids] = to_device(np.asarray(ids, np.int32))
-      return self.weights.stacked, mixtral.MixedTenants(self._ids_on_device[ids])
+      return self.weights.stacked, MixedTenants(self._ids_on_device[ids], len(self.weights.tenants))
     tenant = next(s.request.model for s in seqs if s is not None)
-    return self.weights.params(tenant), mixtral.SingleTenant()
+    return self.weights.params(tenant), SingleTenant()
 
   # Device work.
   def _prefill(self, seqs: list[Sequence], rows: list[int]) -> None:
     cfg, cap = self.config, self.config.max_batch
-    nb = pow2_bucket(len(seqs), cap)
-    tb = pow2_bucket(max(len(s.prompt) for s in seqs), cfg.max_seq_len, floor=8)
+    nb = buckets.pow2(len(seqs), cap)
+    tb = buckets.pow2(max(len(s.prompt) for s in seqs), cfg.max_seq_len, floor=8)
     tokens = np.zeros((nb, tb), np.int32)
     lengths = np.ones(nb, np.int32)
     targets = np.full(nb, cap, np.int32)  # padding rows land out of range and are dropped
@@ -256,8 +217,9 @@ class Engine:
       s.admitted, s.row = now, row
       self.rows[row] = s
     params, ops = self._params_and_ops(list(seqs) + [None] * (nb - len(seqs)))
-    logits, self.cache = self.family.admit(params, jnp.asarray(tokens), jnp.asarray(lengths), self.cache,
-                                           jnp.asarray(targets), self.cfg, cfg.impl, ops)
+    logits, self.cache = self.family.admit(
+      params, jnp.asarray(tokens), jnp.asarray(lengths), self.cache, jnp.asarray(targets), self.cfg, cfg.impl, ops
+    )
     self._emit(seqs, logits)
 
   def _decode(self) -> None:
@@ -266,8 +228,9 @@ class Engine:
       if s is not None:
         tokens[s.row] = s.tokens[-1]
     params, ops = self._params_and_ops(self.rows)
-    logits, self.cache = self.family.decode_step(params, jnp.asarray(tokens), self.cache, self.cfg,
-                                                 self.config.impl, ops)
+    logits, self.cache = self.family.decode_step(
+      params, jnp.asarray(tokens), self.cache, self.cfg, self.config.impl, ops
+    )
     self.decode_steps += 1
     self._emit([s for s in self.rows if s is not None], logits, by_row=True)
 
@@ -280,8 +243,9 @@ class Engine:
       j = s.row if by_row else i
       r = s.request
       seeds[j], steps[j], temp[j], top_p[j] = r.seed, len(s.tokens), r.temperature, r.top_p
-    picked = np.asarray(sampling.sample(logits, jnp.asarray(seeds), jnp.asarray(steps), jnp.asarray(temp),
-                                        jnp.asarray(top_p)))
+    picked = np.asarray(
+      sampling.sample(logits, jnp.asarray(seeds), jnp.asarray(steps), jnp.asarray(temp), jnp.asarray(top_p))
+    )
     now = self.clock()
     for i, s in enumerate(seqs):
       self._append(s, int(picked[s.row if by_row else i]), now)
@@ -294,7 +258,7 @@ class Engine:
     delta = ""
     if self.tokenizer is not None and not eos:
       text = self.tokenizer.decode(s.tokens)
-      delta, s.text = text[len(s.text):] if text.startswith(s.text) else text, text
+      delta, s.text = text[len(s.text) :] if text.startswith(s.text) else text, text
       cut = min((s.text.find(stop) for stop in s.request.stop if stop in s.text), default=-1)
       if cut >= 0:
         s.text, s.finish_reason = s.text[:cut], "stop"
@@ -311,17 +275,59 @@ class Engine:
   def _response(self, s: Sequence, now: float) -> dict:
     n = len(s.tokens)
     return {
-        "id": s.request.id, "object": "text_completion", "model": s.request.model, "text": s.text,
-        "token_ids": s.tokens, "finish_reason": s.finish_reason,
-        "usage": {"prompt_tokens": len(s.prompt), "completion_tokens": n, "total_tokens": len(s.prompt) + n},
-        "timings": {
-            "queue_s": s.admitted - s.arrival,
-            "ttft_s": s.first_token - s.arrival,
-            "tpot_s": (now - s.first_token) / (n - 1) if n > 1 else 0.0,
-            "turnaround_s": now - s.arrival,
-        },
-        "error": None,
+      "id": s.request.id,
+      "object": "text_completion",
+      "model": s.request.model,
+      "text": s.text,
+      "token_ids": s.tokens,
+      "finish_reason": s.finish_reason,
+      "usage": {"prompt_tokens": len(s.prompt), "completion_tokens": n, "total_tokens": len(s.prompt) + n},
+      "timings": {
+        "queue_s": s.admitted - s.arrival,
+        "ttft_s": s.first_token - s.arrival,
+        "tpot_s": (now - s.first_token) / (n - 1) if n > 1 else 0.0,
+        "turnaround_s": now - s.arrival,
+      },
+      "error": None,
     }
+
+  # Public state, for code that drives or measures the engine.
+  @property
+  def num_running(self) -> int:
+    return sum(s is not None for s in self.rows)
+
+  @property
+  def num_waiting(self) -> int:
+    return len(self.waiting)
+
+  @property
+  def free_rows(self) -> int:
+    return self.config.max_batch - self.num_running
+
+  def next_step_load(self) -> tuple[int, int]:
+    """(prompt tokens the next step would prefill, rows it would then decode), if no tenant switch
+    intervenes: free rows are filled in arrival order."""
+    admit = [s for _, s in zip(range(self.free_rows), self.waiting)]
+    return sum(len(s.prompt) for s in admit), self.num_running + len(admit)
+
+  def stats(self) -> dict:
+    """Counters of the engine so far: tenant switches, device bytes, sequences."""
+    st = self.weights.stats
+    return {
+      "switches": st.switches,
+      "switch_bytes": st.bytes,
+      "switch_s": st.seconds,
+      "device_weight_bytes": self.weights.device_bytes(),
+      "kv_bytes": tree_bytes(self.cache),
+      "running": self.num_running,
+      "waiting": self.num_waiting,
+      "decode_steps": self.decode_steps,
+    }
+
+  def close(self) -> None:
+    """Frees the engine's device buffers (cache and weights); the engine cannot step afterwards."""
+    free(self.cache)
+    self.weights.close()
 
   # Reporting.
   def summary(self) -> dict:
@@ -335,18 +341,27 @@ class Engine:
 
     stats = self.weights.stats
     return {
-        "mode": self.config.mode.value, "requests": len(self.served), "completed": len(ok),
-        "errors": len(self.served) - len(ok), "completion_tokens": tokens, "wall_s": wall,
-        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
-        "ttft_p50_s": pct("ttft_s", 50), "ttft_p99_s": pct("ttft_s", 99),
-        "turnaround_p50_s": pct("turnaround_s", 50), "turnaround_p99_s": pct("turnaround_s", 99),
-        "switches": stats.switches, "switch_bytes": stats.bytes, "switch_s": stats.seconds,
-        "decode_steps": self.decode_steps, "compilations": compilations() - self._compiled_at_start,
-        "device_weight_bytes": self.weights.device_bytes(),
+      "mode": self.config.mode.value,
+      "requests": len(self.served),
+      "completed": len(ok),
+      "errors": len(self.served) - len(ok),
+      "completion_tokens": tokens,
+      "wall_s": wall,
+      "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+      "ttft_p50_s": pct("ttft_s", 50),
+      "ttft_p99_s": pct("ttft_s", 99),
+      "turnaround_p50_s": pct("turnaround_s", 50),
+      "turnaround_p99_s": pct("turnaround_s", 99),
+      "switches": stats.switches,
+      "switch_bytes": stats.bytes,
+      "switch_s": stats.seconds,
+      "decode_steps": self.decode_steps,
+      "compilations": compilations() - self._compiled_at_start,
+      "device_weight_bytes": self.weights.device_bytes(),
     }
 
 
 def compilations() -> int:
   """Programs compiled so far by the serving path's jitted functions (this process)."""
-  fns = (*DecoderOnly.jitted, *seq2seq.EncoderDecoder.jitted, sampling.sample)
+  fns = [f for family in registry.FAMILIES for f in family.engine.jitted] + [sampling.sample]
   return sum(f._cache_size() for f in fns)

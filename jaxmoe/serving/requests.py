@@ -11,13 +11,25 @@ import dataclasses
 import json
 from typing import Any
 
+from jaxmoe.errors import RequestError
+
 DEFAULT_MAX_TOKENS = 16
-KNOWN_FIELDS = {"id", "model", "prompt", "prompt_ids", "max_tokens", "temperature", "top_p", "stop", "seed",
-                "stream", "n", "user"}
-
-
-class RequestError(ValueError):
-  """A request that cannot be served; its message goes into the error response."""
+# OpenAI completion fields a request may carry; anything else is refused by name (a typo such as
+# "max_new_tokens" must not silently mean the default).
+KNOWN_FIELDS = {
+  "id",
+  "model",
+  "prompt",
+  "prompt_ids",
+  "max_tokens",
+  "temperature",
+  "top_p",
+  "stop",
+  "seed",
+  "stream",
+  "n",
+  "user",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +58,9 @@ def parse_request(obj: Any, default_id: str) -> Request:
   """Validates the fields of one decoded JSON request (tenant and length checks come later)."""
   if not isinstance(obj, dict):
     raise RequestError(f"a request must be a JSON object, got {type(obj).__name__}")
+  unknown = sorted(str(k) for k in obj if k not in KNOWN_FIELDS)
+  if unknown:
+    raise RequestError(f"unknown field(s) {unknown}; known: {sorted(KNOWN_FIELDS)}")
   rid = obj.get("id", default_id)
   if not isinstance(rid, (str, int)) or isinstance(rid, bool):
     raise RequestError(f"'id' must be a string, got {rid!r}")
@@ -117,9 +132,13 @@ def line_id(line: bytes | str, line_no: int) -> str:
 
 def error_response(rid: str, model: str | None, message: str) -> dict:
   return {
-      "id": rid, "object": "text_completion", "model": model, "text": "", "token_ids": [],
-      "finish_reason": "error",
-      "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-      "timings": {"queue_s": 0.0, "ttft_s": None, "tpot_s": None, "turnaround_s": 0.0},
-      "error": {"message": message, "type": "invalid_request_error"},
+    "id": rid,
+    "object": "text_completion",
+    "model": model,
+    "text": "",
+    "token_ids": [],
+    "finish_reason": "error",
+    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+    "timings": {"queue_s": 0.0, "ttft_s": None, "tpot_s": None, "turnaround_s": 0.0},
+    "error": {"message": message, "type": "invalid_request_error"},
   }

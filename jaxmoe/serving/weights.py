@@ -5,7 +5,7 @@ backbones (the per-tenant non-expert layers, routers included):
   swap      one backbone on the device; a switch copies the next one in from
             staged host buffers (pinned host memory where the platform has it)
   resident  every backbone on the device; a switch moves no bytes
-  mixed     every backbone on the device, stacked [K, ...] so one batch can
+  mixed     every backbone on the device, stacked [A, ...] so one batch can
             mix tenants (rows pick their tenant's weights)
 """
 
@@ -17,6 +17,10 @@ import time
 
 import jax
 import numpy as np
+
+from jaxmoe.devices import free, pinned_host_sharding, to_device
+from jaxmoe.families import base, registry
+from jaxmoe.trees import tree_bytes
 
 
 class Mode(enum.Enum):
@@ -30,24 +34,6 @@ class SwitchStats:
   switches: int = 0
   bytes: int = 0
   seconds: float = 0.0
-
-
-def tree_bytes(tree) -> int:
-  return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
-
-
-def to_device(tree):
-  """Commits arrays to the default device, so every mode's arguments share one jit cache key."""
-  return jax.device_put(tree, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-
-
-def _host_sharding():
-  """Pinned host memory when the default device offers it, else None (plain numpy)."""
-  dev = jax.devices()[0]
-  kinds = {m.kind for m in dev.addressable_memories()}
-  if "pinned_host" in kinds:
-    return jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
-  return None
 
 
 class TenantWeights:
@@ -77,6 +63,10 @@ class TenantWeights:
   def device_bytes(self) -> int:
     raise NotImplementedError
 
+  def close(self) -> None:
+    """Frees every device buffer these weights hold."""
+    free(list(vars(self).values()))
+
 
 class ResidentWeights(TenantWeights):
   mode = Mode.RESIDENT
@@ -100,7 +90,7 @@ class SwapWeights(TenantWeights):
 
   def __init__(self, store):
     super().__init__(store)
-    host = _host_sharding()
+    host = pinned_host_sharding()
     stage = (lambda x: jax.device_put(x, host)) if host is not None else np.asarray
     self.host = {t: jax.tree.map(stage, store.backbones[t]) for t in self.tenants}
     self.device_backbone = None
@@ -118,18 +108,14 @@ class SwapWeights(TenantWeights):
   def _switch(self, tenant: str) -> None:
     start = time.perf_counter()
     if self.device_backbone is not None and (self._prefetched is None or self._prefetched[0] != tenant):
-      # Free the outgoing backbone before copying so the device holds one at a time.
-      for leaf in jax.tree.leaves(self.device_backbone):
-        leaf.delete()
+      free(self.device_backbone)  # before copying, so the device holds one backbone at a time
     if self._prefetched is not None and self._prefetched[0] == tenant:
       incoming = self._prefetched[1]
     else:
       incoming = to_device(self.host[tenant])
     old, self.device_backbone, self._prefetched = self.device_backbone, jax.block_until_ready(incoming), None
     if old is not None:
-      for leaf in jax.tree.leaves(old):
-        if not leaf.is_deleted():
-          leaf.delete()
+      free(old)
     self.stats.switches += int(self.active is not None)
     self.stats.bytes += tree_bytes(self.device_backbone)
     self.stats.seconds += time.perf_counter() - start
@@ -144,12 +130,12 @@ class MixedWeights(TenantWeights):
 
   def __init__(self, store):
     super().__init__(store)
-    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
-                           *[store.backbones[t] for t in self.tenants])
+    scanned = registry.of(store.config).layout.SCANNED
+    stacked = base.stack_tenants(scanned, [store.backbones[t] for t in self.tenants])
     self.stacked = {
-        "backbone": to_device(stacked),
-        "experts": self.pool,
-        "slot_map": to_device(np.stack([np.asarray(store.slot_maps[t], np.int32) for t in self.tenants])),
+      "backbone": to_device(stacked),
+      "experts": self.pool,
+      "slot_map": to_device(np.stack([np.asarray(store.slot_maps[t], np.int32) for t in self.tenants])),
     }
 
   def device_bytes(self) -> int:

@@ -19,8 +19,8 @@ import pathlib
 import time
 from collections.abc import Callable
 
-from jaxmoe import checkpoint
-from jaxmoe.params import init_params
+from jaxmoe.families.mixtral.layout import init_params
+from jaxmoe.io import checkpoint
 from jaxmoe.train import corpus, trainer
 from jaxmoe.train.recipes import Recipe
 
@@ -40,19 +40,22 @@ class Built:
   seconds: float
 
 
-def _run(recipe: Recipe, params, domains, phase, seed, name: str, out: pathlib.Path, logs: pathlib.Path,
-         progress: bool):
+def _run(
+  recipe: Recipe, params, domains, phase, seed, name: str, out: pathlib.Path, logs: pathlib.Path, progress: bool
+):
   batches = corpus.Batches(domains, recipe.batch_size, recipe.seq_len, seed)
-  params, history = trainer.train(params, batches, recipe.model, phase, recipe.balance_coef, desc=name,
-                                  progress=progress)
+  params, history = trainer.train(
+    params, batches, recipe.model, phase, recipe.balance_coef, desc=name, progress=progress
+  )
   checkpoint.save(out, recipe.model, params)
   logs.mkdir(parents=True, exist_ok=True)
   (logs / f"{name}.json").write_text(json.dumps(history, indent=1))
   return params
 
 
-def build(recipe: Recipe, workdir: str | pathlib.Path, progress: bool = True,
-          log: Callable[[str], None] = print) -> Built:
+def build(
+  recipe: Recipe, workdir: str | pathlib.Path, progress: bool = True, log: Callable[[str], None] = print
+) -> Built:
   """Trains what is missing of the base and the tenants; returns their checkpoint folders."""
   start = time.perf_counter()
   root = pathlib.Path(workdir).expanduser().absolute() / recipe.key
@@ -66,8 +69,7 @@ def build(recipe: Recipe, workdir: str | pathlib.Path, progress: bool = True,
   if not (base / checkpoint.HEADER).is_file():
     log(f"pretraining the base on {'+'.join(recipe.domains)} ({recipe.base.steps} steps)")
     params = init_params(recipe.model, seed=recipe.init_seed, scale=recipe.init_scale)
-    base_params = _run(recipe, params, recipe.domains, recipe.base, recipe.base.seed, "base", base, logs,
-                       progress)
+    base_params = _run(recipe, params, recipe.domains, recipe.base, recipe.base.seed, "base", base, logs, progress)
     trained.append("base")
   for i, (domain, out) in enumerate(tenants.items()):
     if (out / checkpoint.HEADER).is_file():
@@ -75,7 +77,6 @@ def build(recipe: Recipe, workdir: str | pathlib.Path, progress: bool = True,
     if base_params is None:
       _, base_params = checkpoint.load(base)
     log(f"fine-tuning tenant {domain!r} on its domain ({recipe.finetune.steps} steps)")
-    _run(recipe, base_params, (domain,), recipe.finetune, (recipe.finetune.seed, i), domain, out, logs,
-         progress)
+    _run(recipe, base_params, (domain,), recipe.finetune, (recipe.finetune.seed, i), domain, out, logs, progress)
     trained.append(domain)
   return Built(root, base, tenants, tuple(trained), time.perf_counter() - start)

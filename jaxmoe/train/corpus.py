@@ -15,7 +15,7 @@ bytes starting at a line start, so prompts that begin a line are in
 distribution. The same Python version gives the same bytes; another version's
 stdlib and Unicode tables differ a little.
 
-Axis legend: B rows, T tokens.
+Axis names (jaxmoe/axes.py): B rows, T tokens.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import unicodedata
 
 import numpy as np
 
-from jaxmoe.tokenizer import ByteTokenizer
+from jaxmoe.io.tokenizer import ByteTokenizer
 
 DOMAINS = ("code", "prose", "arithmetic", "records")
 BOS = ByteTokenizer.bos_id
@@ -96,8 +96,13 @@ def _unicode_records() -> list[str]:
     name = unicodedata.name(char, "")
     if not name:
       continue
-    record = {"code": code, "char": char, "name": name, "category": unicodedata.category(char),
-              "bidi": unicodedata.bidirectional(char)}
+    record = {
+      "code": code,
+      "char": char,
+      "name": name,
+      "category": unicodedata.category(char),
+      "bidi": unicodedata.bidirectional(char),
+    }
     out.append(json.dumps(record, ensure_ascii=True))
   return out
 
@@ -106,8 +111,10 @@ def _calendar_records() -> list[str]:
   out = ["date,weekday,month,day_of_year,iso_week"]
   day = datetime.date(1990, 1, 1)
   while day.year < 2030:
-    out.append(f"{day.isoformat()},{calendar.day_name[day.weekday()]},{calendar.month_name[day.month]},"
-               f"{day.timetuple().tm_yday},{day.isocalendar()[1]}")
+    out.append(
+      f"{day.isoformat()},{calendar.day_name[day.weekday()]},{calendar.month_name[day.month]},"
+      f"{day.timetuple().tm_yday},{day.isocalendar()[1]}"
+    )
     day += datetime.timedelta(days=1)
   return out
 
@@ -116,7 +123,7 @@ def _records() -> tuple[str, str]:
   train, held = [], []
   for source in (_unicode_records(), _calendar_records()):
     for i in range(0, len(source), 32):
-      (held if (i // 32) % 10 == 0 else train).append("\n".join(source[i:i + 32]))
+      (held if (i // 32) % 10 == 0 else train).append("\n".join(source[i : i + 32]))
   return "\n".join(train), "\n".join(held)
 
 
@@ -137,8 +144,10 @@ def load(name: str, seq_len: int) -> Corpus:
   data = [np.frombuffer(t.encode("utf-8")[:MAX_BYTES], np.uint8) for t in (train, held)]
   starts = [_line_starts(d, seq_len) for d in data]
   if starts[0].size == 0 or starts[1].size == 0:
-    raise ValueError(f"domain {name!r}: this Python's standard library gives too little text "
-                     f"({data[0].size} train, {data[1].size} held-out bytes) for rows of {seq_len}")
+    raise ValueError(
+      f"domain {name!r}: this Python's standard library gives too little text "
+      f"({data[0].size} train, {data[1].size} held-out bytes) for rows of {seq_len}"
+    )
   return Corpus(name, seq_len, data[0], data[1], *starts)
 
 
@@ -194,5 +203,5 @@ def calibration_text(domains, seq_len: int, bytes_per_domain: int = 512) -> str:
   for d in domains:
     c = load(d, seq_len)
     start = int(c.train_starts[c.train_starts.size // 2])
-    parts.append(bytes(c.train[start:start + bytes_per_domain]).decode("utf-8", errors="replace"))
+    parts.append(bytes(c.train[start : start + bytes_per_domain]).decode("utf-8", errors="replace"))
   return "\n".join(parts)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import sys
 
-from jaxmoe.config import MixtralConfig
+from jaxmoe.families.mixtral.config import MixtralConfig
 from jaxmoe.train.corpus import DOMAINS
 
 # Bump when training or corpus code changes what a recipe produces: it is part of the cache key.
@@ -70,31 +70,45 @@ class Recipe:
     return f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
-def byte_model(hidden: int, ffn: int, layers: int, experts: int, top_k: int = 2, heads: int = 4,
-               kv_heads: int = 2) -> MixtralConfig:
+def byte_model(
+  hidden: int, ffn: int, layers: int, experts: int, top_k: int = 2, heads: int = 4, kv_heads: int = 2
+) -> MixtralConfig:
   """A Mixtral-architecture config over the byte vocabulary (ByteTokenizer: 259 ids)."""
   return MixtralConfig(
-      vocab_size=259, hidden_size=hidden, intermediate_size=ffn, num_layers=layers, num_heads=heads,
-      num_kv_heads=kv_heads, num_experts=experts, top_k=top_k, head_dim=hidden // heads,
-      rope_theta=10000.0, max_position_embeddings=512, bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    vocab_size=259,
+    hidden_size=hidden,
+    intermediate_size=ffn,
+    num_layers=layers,
+    num_heads=heads,
+    num_kv_heads=kv_heads,
+    num_experts=experts,
+    top_k=top_k,
+    head_dim=hidden // heads,
+    rope_theta=10000.0,
+    max_position_embeddings=512,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=258,
+  )
 
 
 RECIPES: dict[str, Recipe] = {
-    # The demo's tenants: base + 4 fine-tunes in 2-4 minutes on 2 CPU cores (bench/results/quality).
-    "demo": Recipe(
-        name="demo",
-        model=byte_model(hidden=64, ffn=64, layers=2, experts=8),
-        base=Phase(steps=700, peak_lr=4e-3, warmup_steps=50, weight_decay=0.01, seed=0),
-        finetune=Phase(steps=100, peak_lr=3e-4, warmup_steps=10, weight_decay=0.0, seed=1),
-    ),
-    # CI: a few steps of a tiny model; checks plumbing, not quality.
-    "test": Recipe(
-        name="test",
-        model=byte_model(hidden=32, ffn=32, layers=1, experts=4, heads=2, kv_heads=1),
-        base=Phase(steps=4, peak_lr=3e-3, warmup_steps=1, seed=0),
-        finetune=Phase(steps=2, peak_lr=1e-3, warmup_steps=1, seed=1),
-        batch_size=4, seq_len=32,
-    ),
+  # The demo's tenants: base + 4 fine-tunes in 2-4 minutes on 2 CPU cores (bench/results/quality).
+  "demo": Recipe(
+    name="demo",
+    model=byte_model(hidden=64, ffn=64, layers=2, experts=8),
+    base=Phase(steps=700, peak_lr=4e-3, warmup_steps=50, weight_decay=0.01, seed=0),
+    finetune=Phase(steps=100, peak_lr=3e-4, warmup_steps=10, weight_decay=0.0, seed=1),
+  ),
+  # CI: a few steps of a tiny model; checks plumbing, not quality.
+  "test": Recipe(
+    name="test",
+    model=byte_model(hidden=32, ffn=32, layers=1, experts=4, heads=2, kv_heads=1),
+    base=Phase(steps=4, peak_lr=3e-3, warmup_steps=1, seed=0),
+    finetune=Phase(steps=2, peak_lr=1e-3, warmup_steps=1, seed=1),
+    batch_size=4,
+    seq_len=32,
+  ),
 }
 
 

@@ -16,7 +16,7 @@ only) with a linear warmup and cosine decay of the learning rate. Its numbers
 sit in the optimizer state, so the base and every fine-tune share one
 compiled step.
 
-Axis legend: B rows, T tokens, E experts, K top-k, V vocab, L layers.
+Axis names (jaxmoe/axes.py): B rows, T tokens, E experts, K top-k, V vocab, L layers.
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxmoe.config import MixtralConfig
-from jaxmoe.models import mixtral
-from jaxmoe.moe import Impl
-from jaxmoe.params import Params
+from jaxmoe.families.mixtral import model as mixtral
+from jaxmoe.families.mixtral.config import MixtralConfig
+from jaxmoe.nn.moe import Impl
 from jaxmoe.train.recipes import Phase
+from jaxmoe.trees import Params
 
-# The dense strategy runs every expert on every token: on CPUs it is the fastest differentiable
-# one at these sizes (one batched product instead of a sort and a ragged matmul).
-TRAIN_IMPL = Impl.DENSE
+# Every logical expert on every token: on CPUs the fastest differentiable strategy at these sizes
+# (plain products instead of a sort and a ragged matmul).
+TRAIN_IMPL = Impl.EXPERTS
 
 
 def load_balancing_loss(router_logits: jax.Array, top_k: int) -> jax.Array:
@@ -51,13 +51,13 @@ def load_balancing_loss(router_logits: jax.Array, top_k: int) -> jax.Array:
   return num_experts * jnp.sum(fraction * jnp.mean(probs, axis=0))
 
 
-def loss_fn(trainable: Params, slot_map, rows, cfg: MixtralConfig, balance_coef: float,
-            impl: Impl = TRAIN_IMPL):
+def loss_fn(trainable: Params, slot_map, rows, cfg: MixtralConfig, balance_coef: float, impl: Impl = TRAIN_IMPL):
   """rows [B, 1 + T] int32 -> (loss, {"ce", "balance"})."""
   params = {**trainable, "slot_map": slot_map}
-  logits, routers = mixtral.forward(params, rows[:, :-1], cfg, impl, with_router_logits=True)
+  logits, captured = mixtral.forward(params, rows[:, :-1], cfg, impl, capture=True)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, rows[:, 1:]).mean()
-  balance = jnp.mean(jnp.stack([load_balancing_loss(r, cfg.top_k) for r in routers]))
+  routers = captured["router_logits"]  # [L, B, T, E]
+  balance = jnp.mean(jnp.stack([load_balancing_loss(routers[i], cfg.top_k) for i in range(cfg.num_layers)]))
   return ce + balance_coef * balance, {"ce": ce, "balance": balance}
 
 
@@ -68,13 +68,17 @@ def global_norm(tree) -> jax.Array:
 def schedule(phase: Phase) -> optax.Schedule:
   """Linear warmup from 0 to peak_lr, then cosine decay to peak_lr * end_lr_ratio at the last step."""
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=phase.peak_lr, warmup_steps=phase.warmup_steps,
-      decay_steps=phase.steps, end_value=phase.peak_lr * phase.end_lr_ratio)
+    init_value=0.0,
+    peak_value=phase.peak_lr,
+    warmup_steps=phase.warmup_steps,
+    decay_steps=phase.steps,
+    end_value=phase.peak_lr * phase.end_lr_ratio,
+  )
 
 
 def _matrices(tree):
-  """Weight-decay mask: matrices decay, vectors (norms) do not."""
-  return jax.tree.map(lambda x: x.ndim >= 2, tree)
+  """Weight-decay mask: matrices decay, norm weights (vectors per layer) do not."""
+  return jax.tree_util.tree_map_with_path(lambda path, x: "norm" not in jax.tree_util.keystr(path), tree)
 
 
 def make_optimizer() -> optax.GradientTransformation:
@@ -86,9 +90,10 @@ def make_optimizer() -> optax.GradientTransformation:
   every phase runs one compiled step.
   """
   return optax.chain(
-      optax.inject_hyperparams(optax.clip_by_global_norm)(max_norm=1.0),
-      optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-          learning_rate=0.0, b1=0.9, b2=0.95, weight_decay=0.0, mask=_matrices),
+    optax.inject_hyperparams(optax.clip_by_global_norm)(max_norm=1.0),
+    optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+      learning_rate=0.0, b1=0.9, b2=0.95, weight_decay=0.0, mask=_matrices
+    ),
   )
 
 
@@ -100,8 +105,14 @@ def set_hyperparams(state, **values):
 
 
 def init_optimizer(opt: optax.GradientTransformation, trainable: Params, phase: Phase):
-  return set_hyperparams(opt.init(trainable), max_norm=phase.clip_norm, learning_rate=0.0, b1=phase.b1,
-                         b2=phase.b2, weight_decay=phase.weight_decay)
+  return set_hyperparams(
+    opt.init(trainable),
+    max_norm=phase.clip_norm,
+    learning_rate=0.0,
+    b1=phase.b1,
+    b2=phase.b2,
+    weight_decay=phase.weight_decay,
+  )
 
 
 @functools.lru_cache(maxsize=8)
@@ -123,12 +134,20 @@ def make_step(cfg: MixtralConfig, balance_coef: float, impl: Impl = TRAIN_IMPL):
   return step, opt
 
 
-def train(params: Params, batches: Iterator[np.ndarray], cfg: MixtralConfig, phase: Phase,
-          balance_coef: float, desc: str = "train", progress: bool = True, log_every: int = 10):
+def train(
+  params: Params,
+  batches: Iterator[np.ndarray],
+  cfg: MixtralConfig,
+  phase: Phase,
+  balance_coef: float,
+  desc: str = "train",
+  progress: bool = True,
+  log_every: int = 10,
+):
   """Runs `phase.steps` updates of every weight but the slot map.
 
   Args:
-    params: the params.py layout (S = E), host or device arrays.
+    params: the served layout of a single model, host or device arrays.
     batches: yields int32 rows [B, 1 + T].
     cfg, phase, balance_coef: model, optimizer settings, balancing-loss weight.
     desc: progress bar label; progress: show a tqdm bar.
@@ -138,8 +157,7 @@ def train(params: Params, batches: Iterator[np.ndarray], cfg: MixtralConfig, pha
   """
   step, opt = make_step(cfg, balance_coef)
   slot_map = jnp.asarray(params["slot_map"], jnp.int32)
-  trainable = jax.tree.map(lambda x: jnp.array(x, copy=True),
-                           {k: v for k, v in params.items() if k != "slot_map"})
+  trainable = jax.tree.map(lambda x: jnp.array(x, copy=True), {k: v for k, v in params.items() if k != "slot_map"})
   opt_state = init_optimizer(opt, trainable, phase)
   lr, history = schedule(phase), []
   with tqdm(total=phase.steps, desc=desc, disable=not progress, unit="step", leave=True) as bar:

@@ -1,0 +1,254 @@
+"""Mixtral as Flax (linen) modules over the served layout, and the jitted functions that apply them.
+
+RMSNorm, RoPE, grouped-query attention with an optional sliding window, the
+top-k router and SwiGLU experts behind `jaxmoe.nn.moe.moe`, untied LM head.
+Numerics follow Hugging Face `MixtralForCausalLM`: norms, router softmax and
+attention softmax in float32.
+
+The modules' variables are exactly the tenant's backbone (layout.py); the
+expert pool, the slot map, the KV cache and the weight access (`ops`,
+jaxmoe/nn/tenancy.py) come in as arguments, so one backbone, a stack of them
+for a mixed batch, and the shared pool stay separate trees. `DecoderLayer` is
+scanned over the stacked layers (`nn.scan`): compile time does not grow with
+depth, and RoPE tables and masks are built once per call.
+
+One layer function serves the full forward, prefill and decode: it writes the
+new keys/values into the cache at each row's own positions, then attends over
+the whole cache with a causal (and windowed) mask on positions. Rows of a batch
+are independent, so right-padded prompts of different lengths give the same
+results as each prompt alone.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxmoe.axes import ArrayLike, Int, checked
+from jaxmoe.families.mixtral.config import MixtralConfig
+from jaxmoe.families.mixtral.layout import global_shapes, layer_shapes
+from jaxmoe.nn.attention import causal_mask, gqa_attention
+from jaxmoe.nn.moe import Impl, MoeSpec, Router, moe
+from jaxmoe.nn.norms import rms_norm
+from jaxmoe.nn.rotary import apply_rope, rope_tables
+from jaxmoe.nn.tenancy import SingleTenant
+
+F32 = jnp.float32
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys/values for every layer and the number of valid positions per row."""
+
+  k: jax.Array  # [L, B, S, M, H]
+  v: jax.Array  # [L, B, S, M, H]
+  lengths: jax.Array  # [B] int32
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+
+def init_cache(cfg: MixtralConfig, batch: int, max_len: int) -> KVCache:
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  dtype = jnp.dtype(cfg.dtype)
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+
+def _init(name: str, dtype):
+  base = nn.initializers.ones if "norm" in name else nn.initializers.normal(0.02)
+  return lambda key, shape: base(key, shape, dtype)
+
+
+@flax.struct.dataclass
+class Context:
+  """What every layer of one call reads: positions, RoPE tables, mask, the pool, the weight access."""
+
+  positions: jax.Array  # [B, T]
+  cos: jax.Array  # [B, T, H]
+  sin: jax.Array  # [B, T, H]
+  mask: jax.Array  # [B, T, S]
+  pool: dict  # {w1, w3, w2} [X, ...]
+  ops: Any  # SingleTenant | MixedTenants
+
+
+class DecoderLayer(nn.Module):
+  """One Mixtral layer: attention over the cache, then the routed experts."""
+
+  cfg: MixtralConfig
+  impl: Impl = Impl.AUTO
+  capture: bool = False  # also return the MoE input and router logits
+
+  @nn.compact
+  def __call__(self, carry, xs, ctx: Context):
+    """carry (x [B, T, D], k, v [L, B, S, M, H]); xs (slot map row [E] or [A, E], layer index)."""
+    cfg, ops = self.cfg, ctx.ops
+    x, k_all, v_all = carry
+    slot_row, layer = xs
+    dtype = jnp.dtype(cfg.dtype)
+    p = {n: self.param(n, _init(n, dtype), ops.shape(s)) for n, s in layer_shapes(cfg).items()}
+    b, t, d = x.shape
+    eps = cfg.rms_norm_eps
+
+    h = rms_norm(x, ops.vector(p["attn_norm"]), eps)
+    q = apply_rope(ops.linear("BTD,DNH->BTNH", h, p["q"]), ctx.cos, ctx.sin)
+    k = apply_rope(ops.linear("BTD,DMH->BTMH", h, p["k"]), ctx.cos, ctx.sin)
+    v = ops.linear("BTD,DMH->BTMH", h, p["v"])
+    rows = jnp.arange(b)[:, None]
+    # Scatter into the stacked cache so a donated cache is updated in place.
+    k_all = k_all.at[layer, rows, ctx.positions].set(k.astype(k_all.dtype), mode="drop")
+    v_all = v_all.at[layer, rows, ctx.positions].set(v.astype(v_all.dtype), mode="drop")
+    q = q.reshape(b, t, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)
+    out = gqa_attention(q, k_all[layer], v_all[layer], ctx.mask, cfg.head_dim**-0.5)
+    x = x + ops.linear("BTNH,NHD->BTD", out.reshape(b, t, cfg.num_heads, cfg.head_dim), p["o"])
+
+    h = rms_norm(x, ops.vector(p["mlp_norm"]), eps)
+    router_logits = ops.linear("BTD,DE->BTE", h, p["router"])
+    slot_map = ops.rows(slot_row)
+    if slot_map.ndim == 2:  # per-row tenant maps [B, E]: one copy per token
+      slot_map = jnp.repeat(slot_map, t, axis=0)
+    reach = cfg.num_experts * max(1, min(b, ops.num_tenants))
+    spec = MoeSpec(top_k=cfg.top_k, router=Router.TOPK_RENORM, impl=self.impl, max_slots=reach)
+    y = moe(h.reshape(b * t, d), router_logits.reshape(b * t, -1), slot_map, ctx.pool, spec)
+    x = x + y.reshape(b, t, d)
+    return (x, k_all, v_all), ((h, router_logits) if self.capture else None)
+
+
+class Mixtral(nn.Module):
+  """Embeddings, the scanned decoder layers, the final norm and the LM head."""
+
+  cfg: MixtralConfig
+  impl: Impl = Impl.AUTO
+  capture: bool = False
+
+  @nn.compact
+  def __call__(self, tokens, positions, k_all, v_all, pool, slot_map, ops, logits_at=None):
+    """Runs tokens [B, T] at positions [B, T] through every layer, writing the caches k/v_all.
+
+    `logits_at` [B] picks one position per row for the LM head (default: every
+    position). Returns (logits float32 [B, T or 1, V], k_all, v_all, captured
+    (MoE inputs [L, B, T, D], router logits [L, B, T, E]) or None).
+    """
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    g = {n: self.param(n, _init(n, dtype), ops.shape(s)) for n, s in global_shapes(cfg).items()}
+    x = ops.embed(g["embed"], tokens)
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    ctx = Context(positions, cos, sin, causal_mask(positions, k_all.shape[2], cfg.sliding_window), pool, ops)
+    layers = nn.scan(
+      DecoderLayer,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(0, nn.broadcast),
+      length=cfg.num_layers,
+    )
+    rows_by_layer = slot_map if slot_map.ndim == 2 else jnp.swapaxes(slot_map, 0, 1)  # [L, E] or [L, A, E]
+    xs = (rows_by_layer, jnp.arange(cfg.num_layers))
+    (x, k_all, v_all), captured = layers(cfg, self.impl, self.capture, name="layers")((x, k_all, v_all), xs, ctx)
+    x = rms_norm(x, ops.vector(g["norm"]), cfg.rms_norm_eps)
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
+    logits = ops.linear("BTD,DV->BTV", x, g["lm_head"]).astype(F32)
+    return logits, k_all, v_all, captured
+
+
+def _apply(params, tokens, positions, k_all, v_all, cfg, impl, ops, logits_at=None, capture=False):
+  model = Mixtral(cfg, impl, capture)
+  return model.apply(
+    {"params": params["backbone"]},
+    tokens,
+    positions,
+    k_all,
+    v_all,
+    params["experts"],
+    params["slot_map"],
+    ops,
+    logits_at,
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "capture"))
+@checked
+def forward(
+  params,
+  tokens: Int[ArrayLike, "B T"],
+  cfg: MixtralConfig,
+  impl: Impl = Impl.AUTO,
+  ops=SingleTenant(),
+  capture: bool = False,
+):
+  """Full causal forward pass.
+
+  Args:
+    params: the served layout (layout.py).
+    tokens: [B, T] int32.
+    cfg: model config (static).
+    impl: MoE strategy (static).
+    ops: SingleTenant(), or MixedTenants(ids) with stacked backbones.
+    capture: also return {"moe_inputs": [L, B, T, D], "router_logits": [L, B, T, E]}.
+
+  Returns:
+    logits [B, T, V] float32, or (logits, captured) when `capture`.
+  """
+  b, t = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  cache = init_cache(cfg, b, t)
+  logits, _, _, captured = _apply(params, tokens, positions, cache.k, cache.v, cfg, impl, ops, capture=capture)
+  if capture:
+    return logits, {"moe_inputs": captured[0], "router_logits": captured[1]}
+  return logits
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
+@checked
+def prefill(
+  params,
+  tokens: Int[ArrayLike, "B T"],
+  lengths: Int[ArrayLike, B],
+  cache: KVCache,
+  cfg: MixtralConfig,
+  impl: Impl = Impl.AUTO,
+  ops=SingleTenant(),
+):
+  """Runs right-padded prompts [B, T] of `lengths` [B] into an empty cache.
+
+  Returns (logits of each row's last prompt token [B, V] float32, cache).
+  """
+  b, t = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  logits, k, v, _ = _apply(params, tokens, positions, cache.k, cache.v, cfg, impl, ops, logits_at=lengths - 1)
+  return logits[:, 0], KVCache(k, v, lengths.astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
+@checked
+def decode_step(
+  params, tokens: Int[ArrayLike, B], cache: KVCache, cfg: MixtralConfig, impl: Impl = Impl.AUTO, ops=SingleTenant()
+):
+  """Appends one token per row [B] at each row's length; returns (logits [B, V], cache)."""
+  positions = cache.lengths[:, None]
+  logits, k, v, _ = _apply(params, tokens[:, None], positions, cache.k, cache.v, cfg, impl, ops)
+  return logits[:, 0], KVCache(k, v, cache.lengths + 1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"))
+def layer_step(layer: dict, pool: dict, slot_row, x, cfg: MixtralConfig, impl: Impl = Impl.AUTO):
+  """One decoder layer on x [B, T, D] (full causal attention, no cache kept).
+
+  `layer` holds one layer's leaves (no L axis), `slot_row` [E] its slot map.
+  Returns (the layer's output [B, T, D], its MoE input [B, T, D]).
+  """
+  b, t, _ = x.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+  ctx = Context(positions, cos, sin, causal_mask(positions, t, cfg.sliding_window), pool, SingleTenant())
+  cache = init_cache(cfg.replace(num_layers=1), b, t)
+  (x, _, _), (h, _) = DecoderLayer(cfg, impl, capture=True).apply(
+    {"params": layer}, (x, cache.k, cache.v), (slot_row, jnp.int32(0)), ctx
+  )
+  return x, h

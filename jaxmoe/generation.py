@@ -1,0 +1,195 @@
+"""What the families' public model objects share: input checks, the tokenizer, the sampling loop.
+
+`jaxmoe.load(path)` returns one model object per family (MixtralModel,
+SwitchModel), each a `ModelBase`: numpy in and out, parameters on the default
+device. They share `generate(prompts, n)`; `logits` differs between a
+decoder-only and an encoder-decoder model and is each family's own.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmoe import buckets
+from jaxmoe.io.tokenizer import Tokenizer
+from jaxmoe.nn import sampling
+from jaxmoe.nn.moe import Impl
+from jaxmoe.nn.precision import precision
+
+CACHE_BLOCK = 64  # cache lengths are rounded up to this: few compiled shapes
+PROMPT_FLOOR = 8  # prompts are padded to a power of two >= this: prefill compiles O(log T) times
+
+
+def pad_id(cfg) -> int:
+  """What fills a row after its EOS: the pad id, else EOS, else 0."""
+  return cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
+
+
+def decode_loop(
+  logits, cache, step, max_new_tokens: int, temperature: float, top_p: float, seed: int, eos: int | None, pad: int
+) -> np.ndarray:
+  """Samples up to n tokens per row, calling `step(tokens [B], cache) -> (logits, cache)` between.
+
+  Rows that produced `eos` are padded from then on; decoding stops early when
+  every row has (HF `generate`). Returns int32 [B, n'] with n' <= n.
+  """
+  b = logits.shape[0]
+  seeds = jnp.full((b,), seed, jnp.int32)
+  temp = jnp.full((b,), temperature, jnp.float32)
+  nucleus = jnp.full((b,), top_p, jnp.float32)
+  new, done = [], np.zeros(b, bool)
+  for i in range(max_new_tokens):
+    nxt = np.asarray(sampling.sample(logits, seeds, jnp.full((b,), i, jnp.int32), temp, nucleus))
+    nxt = np.where(done, pad, nxt).astype(np.int32)
+    new.append(nxt)
+    if eos is not None:
+      done |= nxt == eos
+    if done.all() or i == max_new_tokens - 1:
+      break
+    logits, cache = step(nxt, cache)
+  return np.stack(new, axis=1)
+
+
+@runtime_checkable
+class Model(Protocol):
+  """What every family's model object offers."""
+
+  config: object
+  tokenizer: Tokenizer | None
+
+  def generate(
+    self,
+    tokens,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    lengths=None,
+    stop_at_eos: bool = True,
+  ) -> np.ndarray: ...
+
+  def new_tokens(self, row: np.ndarray, prompt_len: int) -> np.ndarray: ...
+
+  def encode(self, text: str) -> list[int]: ...
+
+  def decode(self, ids) -> str: ...
+
+
+class ModelBase:
+  """One tenant's model: config, device parameters (served layout), optional tokenizer."""
+
+  layout = None  # the family's layout module (subclasses set it)
+
+  def __init__(self, cfg, params, tokenizer: Tokenizer | None = None, impl: Impl = Impl.AUTO):
+    self.layout.check_params(cfg, params)
+    self.config = cfg
+    self.params = jax.device_put(params)
+    self.tokenizer = tokenizer
+    self.impl = impl
+
+  @classmethod
+  def config_for(cls, cfg, routing=None):
+    """The config this model object runs (`jaxmoe.load`'s `routing` applies to Switch only)."""
+    if routing is not None:
+      raise ValueError(f"routing={routing!r} applies to Switch models; this is {cfg.architecture}")
+    return cfg
+
+  def _precision(self):
+    return precision(self.config.dtype)
+
+  def generate(
+    self,
+    tokens,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    lengths=None,
+    stop_at_eos: bool = True,
+  ) -> np.ndarray:
+    """Continues prompts with KV-cache decoding.
+
+    Args:
+      tokens: [B, T] int prompts, right-padded when `lengths` is given; or a
+        list of 1-D prompts of different lengths.
+      max_new_tokens: n, tokens to add per row.
+      temperature: 0 is greedy; > 0 samples (with `top_p` nucleus and `seed`).
+      lengths: [B] prompt lengths for a right-padded batch (default: all T).
+      stop_at_eos: like HF `generate`: a row that produced EOS is padded from
+        then on, and decoding stops early when every row has.
+
+    Returns:
+      int32 rows of the family's output (`new_tokens` picks the new ones):
+      decoder-only, [B, T + n'] prompt then new tokens; encoder-decoder,
+      [B, 1 + n'] the decoder start token then new tokens; n' <= n, padded
+      after EOS.
+    """
+    tokens, lengths = self._batch(tokens, lengths)
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    b, t = tokens.shape
+    padded = np.zeros((b, buckets.pow2(t, floor=PROMPT_FLOOR)), np.int32)
+    padded[:, :t] = tokens
+    cfg = self.config
+    with self._precision():
+      logits, cache, step = self._start(padded, lengths, max_new_tokens)
+      new = decode_loop(
+        logits,
+        cache,
+        step,
+        max_new_tokens,
+        temperature,
+        top_p,
+        seed,
+        cfg.eos_token_id if stop_at_eos else None,
+        pad_id(cfg),
+      )
+    return self._assemble(tokens, lengths, new)
+
+  def _start(self, padded, lengths, max_new_tokens: int):
+    """(first logits [B, V], cache, step(tokens, cache) -> (logits, cache)) for padded prompts."""
+    raise NotImplementedError
+
+  def _assemble(self, tokens, lengths, new) -> np.ndarray:
+    raise NotImplementedError
+
+  def _batch(self, tokens, lengths):
+    if isinstance(tokens, (list, tuple)) and tokens and np.ndim(tokens[0]) == 1 and lengths is None:
+      rows = [np.asarray(r) for r in tokens]
+      lengths = np.array([len(r) for r in rows])
+      tokens = np.zeros((len(rows), int(lengths.max())), np.int32)
+      for i, r in enumerate(rows):
+        tokens[i, : len(r)] = r
+    tokens = self._check_tokens(np.atleast_2d(np.asarray(tokens)))
+    if lengths is None:
+      lengths = np.full(tokens.shape[0], tokens.shape[1])
+    lengths = np.asarray(lengths, np.int32)
+    if lengths.shape != (tokens.shape[0],) or lengths.min() < 1 or lengths.max() > tokens.shape[1]:
+      raise ValueError(f"lengths {lengths.tolist()} do not fit tokens of shape {tokens.shape}")
+    return tokens.astype(np.int32), lengths
+
+  def _check_tokens(self, tokens: np.ndarray) -> np.ndarray:
+    if tokens.ndim != 2 or tokens.shape[1] == 0:
+      raise ValueError(f"tokens must be [B, T] with T >= 1, got shape {tokens.shape}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+      raise ValueError(f"tokens must be integers, got {tokens.dtype}")
+    if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+      raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got [{tokens.min()}, {tokens.max()}]")
+    return tokens
+
+  def encode(self, text: str) -> list[int]:
+    if self.tokenizer is None:
+      raise ValueError("this checkpoint has no tokenizer.json and no byte vocabulary: pass token ids")
+    ids = self.tokenizer.encode(text)
+    if not ids:
+      raise ValueError("the prompt encodes to no tokens")
+    return ids
+
+  def decode(self, ids) -> str:
+    if self.tokenizer is None:
+      raise ValueError("this checkpoint has no tokenizer: cannot decode text")
+    return self.tokenizer.decode(ids)

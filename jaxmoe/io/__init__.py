@@ -1,0 +1,1 @@
+"""Files: checkpoints, stores, tokenizers, and the Hugging Face conversion driver."""

@@ -1,0 +1,1 @@
+"""What model families share: tenancy (weight access), the MoE boundary, attention, norms, rotary."""

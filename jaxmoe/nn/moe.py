@@ -1,0 +1,324 @@
+"""The MoE layer boundary: routing plus expert compute over a pool reached through a slot map.
+
+Every family calls `moe(x, router_logits, slot_map, pool, spec)`. The pool is
+one array per expert leaf, `[X, ...]` over all MoE layers; `slot_map` holds the
+pool slots of this layer's logical experts. The strategies behind it are
+separate functions in one table (`STRATEGIES`); the model never branches on them:
+
+  dense     every pool slot on every token, keep the routed ones (the readable reference)
+  experts   each of the layer's E logical experts on every token (differentiable: training)
+  routed    each distinct routed slot on every token, one slot per loop step (CPU default)
+  ragged    the distinct routed slots gathered, one ragged_dot per weight
+  pallas    the Triton kernels of jaxmoe.kernels (GPU default for SwiGLU experts)
+
+The expert function follows from the pool's leaf names (`EXPERT_KINDS`):
+{w1, w3, w2} is a SwiGLU expert (Mixtral), {wi, wo} a ReLU expert (Switch).
+Routing is dropless unless `MoeSpec.capacity` is set: then HF Switch's expert
+capacity applies (`drop_over_capacity`), for parity with transformers.
+
+Products run in the weights' dtype with float32 accumulation; nothing makes a
+float32 copy of the pool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+from collections.abc import Callable
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+
+from jaxmoe.axes import ArrayLike, Float, Int, checked
+from jaxmoe.kernels.moe import moe_swiglu
+
+
+class Router(enum.Enum):
+  """How router logits become (weights, experts)."""
+
+  TOPK_RENORM = "topk_renorm"  # Mixtral: softmax, top-k, renormalise
+  TOP1 = "top1"  # Switch: softmax, argmax, weight = max probability
+
+
+class Impl(enum.Enum):
+  AUTO = "auto"  # Pallas (or ragged) on GPUs, routed elsewhere
+  DENSE = "dense"
+  EXPERTS = "experts"
+  ROUTED = "routed"
+  RAGGED = "ragged"
+  PALLAS = "pallas"
+  PALLAS_INTERPRET = "pallas_interpret"  # the Pallas kernels in interpret mode (CPU tests)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeSpec:
+  top_k: int
+  router: Router = Router.TOPK_RENORM
+  impl: Impl = Impl.AUTO
+  capacity: int | None = None  # HF expert capacity per group of tokens; None: dropless
+  group_size: int = 0  # tokens per capacity group (consecutive rows of x); 0: one group
+  max_slots: int | None = None  # distinct slots this layer's tokens can reach (E per tenant in the batch)
+
+  @property
+  def k(self) -> int:
+    """Experts per token."""
+    return 1 if self.router is Router.TOP1 else self.top_k
+
+
+class MoeFn(Protocol):
+  def __call__(self, x, router_logits, slot_map, pool, spec: MoeSpec) -> jax.Array: ...
+
+
+def route(router_logits, top_k: int, router: Router) -> tuple[jax.Array, jax.Array]:
+  """Router logits [T, E] -> (weights [T, K] float32, experts [T, K] int32)."""
+  probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+  if router is Router.TOP1:
+    return jnp.max(probs, -1, keepdims=True), jnp.argmax(probs, -1)[:, None].astype(jnp.int32)
+  weights, experts = jax.lax.top_k(probs, top_k)
+  weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return weights, experts.astype(jnp.int32)
+
+
+def expert_slots(experts, slot_map) -> jax.Array:
+  """Logical experts [T, K] -> pool slots [T, K]; slot_map is [E] or per token [T, E]."""
+  if slot_map.ndim == 1:
+    return slot_map[experts]
+  return jnp.take_along_axis(slot_map, experts, axis=-1)
+
+
+def drop_over_capacity(weights, experts, num_experts: int, capacity: int, group_size: int = 0):
+  """HF Switch expert capacity: (weights [T, K], experts [T, K]) -> weights with drops zeroed.
+
+  Mirrors transformers' SwitchTransformersTop1Router: within each group of
+  `group_size` consecutive tokens (a sequence; 0: all T tokens), the n-th
+  (token, k) pair routed to an expert, in token order, is kept iff
+  n <= capacity. A dropped pair gets weight 0, so its MoE output is 0 and the
+  residual passes the token through unchanged, as in SwitchTransformersSparseMLP.
+  """
+  t, k = experts.shape
+  g = group_size or t
+  onehot = jax.nn.one_hot(experts, num_experts, dtype=jnp.int32).reshape(t // g, g * k, num_experts)
+  priority = jnp.cumsum(onehot, axis=1)  # per group and expert: 1 for the first pair routed there, ...
+  keep = jnp.sum(onehot * (priority <= capacity), axis=-1).reshape(t, k)
+  return jnp.where(keep > 0, weights, 0.0)
+
+
+def routing(router_logits, spec: MoeSpec) -> tuple[jax.Array, jax.Array]:
+  """`route`, then HF's expert capacity when the spec sets one: (weights [T, K], experts [T, K])."""
+  weights, experts = route(router_logits, spec.top_k, spec.router)
+  if spec.capacity is not None:
+    weights = drop_over_capacity(weights, experts, router_logits.shape[-1], spec.capacity, spec.group_size)
+  return weights, experts
+
+
+def _dot(x, w):
+  return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+
+
+def swiglu(x, w1, w3, w2, dot=_dot):
+  """One expert: (silu(x w1) * (x w3)) w2, float32 accumulation.
+
+  `dot(x, w)` does the contractions: one expert's matmul by default, or a
+  grouped `ragged_dot` over several (`moe_ragged`).
+  """
+  gate = dot(x, w1)  # [T, F]
+  up = dot(x, w3)
+  h = (jax.nn.silu(gate) * up).astype(x.dtype)
+  return dot(h, w2)  # [T, D]
+
+
+def relu_ffn(x, wi, wo, dot=_dot):
+  """One T5/Switch expert: relu(x wi) wo, float32 accumulation (`dot` as in `swiglu`)."""
+  h = jax.nn.relu(dot(x, wi)).astype(x.dtype)  # [T, F]
+  return dot(h, wo)  # [T, D]
+
+
+# Pool leaf names, in argument order -> the expert function they feed.
+EXPERT_KINDS: dict[tuple[str, ...], Callable] = {
+  ("w1", "w3", "w2"): swiglu,
+  ("wi", "wo"): relu_ffn,
+}
+
+
+def expert_kind(pool) -> tuple[tuple[str, ...], Callable]:
+  """(leaf names, expert function) of a pool, from its leaf names."""
+  for names, fn in EXPERT_KINDS.items():
+    if set(pool) == set(names):
+      return names, fn
+  raise ValueError(f"expert pool leaves {sorted(pool)} match no expert kind; known: {list(EXPERT_KINDS)}")
+
+
+def num_slots(pool) -> int:
+  return next(iter(pool.values())).shape[0]
+
+
+def unique_slots(slots, bound: int) -> tuple[jax.Array, jax.Array]:
+  """Distinct values of slots [T, K], ascending, padded to `bound` with the largest: ([bound], count).
+
+  The padding keeps the list sorted (for searchsorted) and repeats a real slot.
+  """
+  flat = slots.reshape(-1)
+  uniq = jnp.unique(flat, size=bound, fill_value=jnp.max(flat))
+  count = jnp.sum(jnp.concatenate([jnp.ones(1, bool), uniq[1:] > uniq[:-1]]))
+  return uniq, count
+
+
+def slot_bound(slots, pool, spec: MoeSpec) -> int:
+  """A static bound on the distinct slots of `slots` [T, K]."""
+  bound = min(slots.size, num_slots(pool))
+  return bound if spec.max_slots is None else min(bound, spec.max_slots)
+
+
+def _accumulate_by_slot(x, slots, weights, pool, uniq, count, names, expert):
+  """Sum over the loop's slots s of where(slots == s, weights) * expert_s(x), k terms in routing order.
+
+  Each (token, k) pair gets exactly one nonzero term, from its own slot's
+  program, which is the same whatever the pool's size or the slot's index; so a
+  tenant's output bits do not change when its experts move into a bigger
+  (consolidated) pool.
+  """
+
+  def body(i, acc):  # acc [K, T, D]
+    s = uniq[i]
+    y = expert(x, *(pool[n][s] for n in names))
+    gate = jnp.where(slots == s, weights, 0.0).T  # [K, T]
+    return acc + gate[:, :, None] * y[None]
+
+  acc = jnp.zeros((slots.shape[1], *x.shape), jnp.float32)
+  acc = jax.lax.fori_loop(0, count, body, acc)
+  y = acc[0]
+  for k in range(1, acc.shape[0]):
+    y = y + acc[k]
+  return y.astype(x.dtype)
+
+
+def moe_dense(x, router_logits, slot_map, pool, spec: MoeSpec):
+  """Reference: run every pool slot on every token, keep the routed ones."""
+  weights, experts = routing(router_logits, spec)
+  slots = expert_slots(experts, slot_map)
+  names, expert = expert_kind(pool)
+  y = jnp.zeros(x.shape, jnp.float32)
+  for s in range(num_slots(pool)):
+    gate = jnp.sum(jnp.where(slots == s, weights, 0.0), axis=-1)  # [T]
+    y = y + gate[:, None] * expert(x, *(pool[n][s] for n in names))
+  return y.astype(x.dtype)
+
+
+def moe_experts(x, router_logits, slot_map, pool, spec: MoeSpec):
+  """Each logical expert e of the layer, at slot slot_map[e], on every token; differentiable."""
+  if slot_map.ndim != 1:
+    raise ValueError("the 'experts' MoE strategy needs one slot map [E] for every token")
+  weights, experts = routing(router_logits, spec)
+  names, expert = expert_kind(pool)
+  y = jnp.zeros(x.shape, jnp.float32)
+  for e in range(slot_map.shape[0]):
+    gate = jnp.sum(jnp.where(experts == e, weights, 0.0), axis=-1)  # [T]
+    y = y + gate[:, None] * expert(x, *(pool[n][slot_map[e]] for n in names))
+  return y.astype(x.dtype)
+
+
+def moe_routed(x, router_logits, slot_map, pool, spec: MoeSpec):
+  """Each distinct routed slot on every token, one per loop step: reads only the routed experts.
+
+  At decode a batch of B rows reads at most min(B*K, reachable) experts; the
+  loop's trip count is the number of distinct slots (not differentiable).
+  """
+  weights, experts = routing(router_logits, spec)
+  slots = expert_slots(experts, slot_map)  # [T, K]
+  uniq, count = unique_slots(slots, slot_bound(slots, pool, spec))
+  names, expert = expert_kind(pool)
+  return _accumulate_by_slot(x, slots, weights, pool, uniq, count, names, expert)
+
+
+def moe_ragged(x, router_logits, slot_map, pool, spec: MoeSpec):
+  """Sort (token, k) pairs by slot; the distinct routed slots gathered, one ragged matmul per weight."""
+  t, k = router_logits.shape[0], spec.k
+  names, expert = expert_kind(pool)
+  weights, experts = routing(router_logits, spec)
+  slots = expert_slots(experts, slot_map)
+  uniq, _ = unique_slots(slots, slot_bound(slots, pool, spec))
+  local = jnp.searchsorted(uniq, slots.reshape(t * k)).astype(jnp.int32)  # index into uniq
+  order = jnp.argsort(local, stable=True)
+  token = order // k
+  group_sizes = jnp.bincount(local, length=uniq.shape[0]).astype(jnp.int32)
+
+  def dot(a, w):  # rows sorted by slot [T*K, ...] x gathered experts [U, ...]
+    return jax.lax.ragged_dot(a, w, group_sizes, preferred_element_type=jnp.float32)
+
+  ys = expert(x[token], *(pool[n][uniq] for n in names), dot=dot)
+  ys = ys * weights.reshape(t * k)[order][:, None]
+  return jnp.zeros((t, x.shape[1]), jnp.float32).at[token].add(ys).astype(x.dtype)
+
+
+def pallas_supports(pool, spec: MoeSpec) -> bool:
+  """The Pallas kernels fuse SwiGLU experts and route dropless."""
+  return set(pool) == {"w1", "w3", "w2"} and spec.capacity is None
+
+
+def moe_pallas(x, router_logits, slot_map, pool, spec: MoeSpec, *, interpret: bool):
+  if not pallas_supports(pool, spec):
+    raise ValueError(
+      f"the Pallas MoE strategy supports dropless SwiGLU experts only; "
+      f"got pool leaves {sorted(pool)}, capacity={spec.capacity}"
+    )
+  return moe_swiglu(
+    x,
+    router_logits,
+    slot_map,
+    pool["w1"],
+    pool["w3"],
+    pool["w2"],
+    top_k=spec.k,
+    renormalise=spec.router is Router.TOPK_RENORM,
+    interpret=interpret,
+  )
+
+
+STRATEGIES: dict[Impl, MoeFn] = {
+  Impl.DENSE: moe_dense,
+  Impl.EXPERTS: moe_experts,
+  Impl.ROUTED: moe_routed,
+  Impl.RAGGED: moe_ragged,
+  Impl.PALLAS: functools.partial(moe_pallas, interpret=False),
+  Impl.PALLAS_INTERPRET: functools.partial(moe_pallas, interpret=True),
+}
+
+
+def resolve(impl: Impl, pool=None, spec: MoeSpec | None = None) -> Impl:
+  """AUTO -> routed off GPUs; on GPUs Pallas where `pallas_supports`, else ragged_dot."""
+  if impl is not Impl.AUTO:
+    return impl
+  if jax.default_backend() != "gpu":
+    return Impl.ROUTED
+  if pool is not None and spec is not None and not pallas_supports(pool, spec):
+    return Impl.RAGGED
+  return Impl.PALLAS
+
+
+@checked
+def moe(
+  x: Float[ArrayLike, "T D"],
+  router_logits: Float[ArrayLike, "T E"],
+  slot_map: Int[ArrayLike, E] | Int[ArrayLike, "T E"],
+  pool: dict,
+  spec: MoeSpec,
+) -> Float[jax.Array, "T D"]:
+  """Routed expert FFN.
+
+  Args:
+    x: [T, D] token activations.
+    router_logits: [T, E] router outputs for these tokens.
+    slot_map: [E] or [T, E] int32, logical expert -> pool slot (per token for
+      batches that mix tenants).
+    pool: {"w1": [X, D, F], "w3": [X, D, F], "w2": [X, F, D]} (SwiGLU) or
+      {"wi": [X, D, F], "wo": [X, F, D]} (ReLU).
+    spec: top-k, router kind, implementation and expert capacity.
+
+  Returns:
+    [T, D], the weighted sum of the routed experts' outputs, in x's dtype.
+  """
+  impl = resolve(spec.impl, pool, spec)
+  pool = {n: jnp.asarray(w) for n, w in pool.items()}  # numpy pools cannot be indexed by traced slots
+  return STRATEGIES[impl](x, router_logits, jnp.asarray(slot_map), pool, spec)

@@ -1,0 +1,19 @@
+"""Paths and small helpers shared by the tests (importable as tests.helpers)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+HF_FIXTURES = ("gqa4x2", "mqa4x1_window")
+SWITCH_FIXTURES = ("switch_e4_tied", "switch_e8_capacity")
+LEGACY = FIXTURES / "legacy_v1"
+
+
+def max_abs(a, b) -> str:
+  """Max-abs and relative error, for assertion messages."""
+  err = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+  return f"max-abs {err.max():.3g}, relative {err.max() / max(np.abs(np.asarray(b)).max(), 1e-30):.3g}"
