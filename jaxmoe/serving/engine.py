@@ -106,19 +106,44 @@ class Engine:
     self._compiled_at_start = compilations()
 
   # Requests in.
+  def check(self, request: Request | dict, default_id: str = "request") -> tuple[Request, list[int]]:
+    """Validates a request against this engine (fields, tenant, prompt, lengths) without queueing it.
+
+    Returns (the Request, its prompt token ids); raises RequestError with the message an error
+    response carries.
+    """
+    if isinstance(request, dict):
+      request = req_lib.parse_request(request, default_id)
+    elif not isinstance(request, Request):
+      raise RequestError(f"a request must be a dict or a Request, got {type(request).__name__}")
+    return request, self._prompt_ids(request)
+
   def submit(self, request: Request | dict, default_id: str = "request") -> str:
     """Queues a request; an invalid one is answered with an error response at the next step."""
     try:
-      if isinstance(request, dict):
-        request = req_lib.parse_request(request, default_id)
-      seq = Sequence(request, self._prompt_ids(request), self.clock())
+      request, prompt = self.check(request, default_id)
     except RequestError as e:
-      rid = request.id if isinstance(request, Request) else str(request.get("id", default_id))
-      model = request.model if isinstance(request, Request) else request.get("model")
+      rid = request.id if isinstance(request, Request) else default_id
+      model = request.model if isinstance(request, Request) else None
+      if isinstance(request, dict):
+        rid, model = str(request.get("id", default_id)), request.get("model")
       self.reject(rid, str(e), model if isinstance(model, str) else None)
       return rid
-    self.waiting.append(seq)
+    self.waiting.append(Sequence(request, prompt, self.clock()))
     return request.id
+
+  def cancel(self, request_id: str) -> bool:
+    """Drops a waiting or running request (a client that went away): its row is free for the next
+    step and no response is produced. False if no such request is in the engine."""
+    for s in self.waiting:
+      if s.request.id == request_id:
+        self.waiting.remove(s)
+        return True
+    for i, s in enumerate(self.rows):
+      if s is not None and s.request.id == request_id:
+        self.rows[i] = None
+        return True
+    return False
 
   def reject(self, rid: str, message: str, model: str | None = None) -> None:
     self.done.append(req_lib.error_response(rid, model, message))

@@ -69,6 +69,14 @@ class MixtralConfig(JsonConfig):
     return self.num_layers
 
   @property
+  def eos_ids(self) -> tuple[int, ...]:
+    """Every token id that ends a sequence (empty: none)."""
+    eos = self.eos_token_id
+    if eos is None:
+      return ()
+    return tuple(eos) if isinstance(eos, (tuple, list)) else (eos,)
+
+  @property
   def max_positions(self) -> int:
     """Longest sequence (prompt and generated tokens) the model can attend over."""
     return self.max_position_embeddings

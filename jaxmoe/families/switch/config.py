@@ -99,6 +99,14 @@ class SwitchConfig(JsonConfig):
     return len(self.moe_blocks)
 
   @property
+  def eos_ids(self) -> tuple[int, ...]:
+    """Every token id that ends a sequence (empty: none)."""
+    eos = self.eos_token_id
+    if eos is None:
+      return ()
+    return tuple(eos) if isinstance(eos, (tuple, list)) else (eos,)
+
+  @property
   def max_positions(self) -> None:
     """Relative position buckets: no limit on sequence length."""
     return None
