@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxmoe.devices import free, pinned_host_sharding, to_device
 from jaxmoe.families import base, registry
+from jaxmoe.nn import moe
 from jaxmoe.trees import tree_bytes
 
 
@@ -48,7 +49,7 @@ class TenantWeights:
   def __init__(self, store):
     self.tenants = list(store.tenants)
     self.index = {name: i for i, name in enumerate(self.tenants)}
-    self.pool = to_device(store.pool)
+    self.pool = to_device(moe.pack(store.pool))
     self.slot_maps = {t: to_device(np.asarray(store.slot_maps[t], np.int32)) for t in self.tenants}
     self.stats = SwitchStats()
     self.active: str | None = None
