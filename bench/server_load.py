@@ -4,15 +4,16 @@
 
 Builds a tiny store (K tenants, byte vocabulary, half the experts shared, chat
 templates for all but the last tenant), starts `jaxmoe-server` on a free
-loopback port as a child process, and runs two closed loops with `--clients`
-requests in flight for `--duration_s` each, over one deterministic request
-sequence (every tenant; completions with text or token-id prompts, chat,
-greedy and seeded sampling, stop strings):
+loopback port as a child process, and runs closed loops with `--clients`
+requests in flight over one deterministic request sequence (every tenant;
+completions with text or token-id prompts, chat, greedy and seeded sampling,
+stop strings):
 
-  direct  the same Engine config driven in this process (submit/step), no HTTP;
-  http    `--clients` concurrent streaming clients (httpx); every
-          `--bad_every`-th request is a bad one from a catalogue, each with
-          the status it must get.
+  direct  the same Engine config driven in this process (submit/step), no HTTP,
+          for half of `--duration_s` before the HTTP run and half after;
+  http    `--clients` concurrent streaming clients for `--duration_s` (a lean
+          keep-alive HTTP/1.1 client each); every `--bad_every`-th request is
+          a bad one from a catalogue (httpx), each with the status it must get.
 
 Both warm up first (every admission bucket, then load), so neither compiles
 while timed. Reported: tokens/s of each and their ratio, requests/s, client
@@ -43,6 +44,7 @@ flags.DEFINE_integer("max_batch", 16, "Engine rows.")
 flags.DEFINE_integer("max_seq_len", 128, "Engine max_seq_len.")
 flags.DEFINE_integer("bad_every", 10, "Every n-th HTTP request is a bad one.")
 flags.DEFINE_string("mode", "mixed", "Engine mode.")
+flags.DEFINE_float("stream_interval_s", 0.0, "The server's --stream_interval_s.")
 flags.DEFINE_string("out", None, "Folder for server_load.json.")
 KEY = "bench-key"
 TEMPLATE = "{% for m in messages %}{{ m.role[0] }}{{ m.content }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
@@ -154,18 +156,18 @@ def run_direct(store, cfg, reqs: list[dict], clients: int, duration_s: float, wa
   engine = Engine(store, cfg, on_token=lambda rid, tok, delta: stamps.append(time.perf_counter()))
   warm_buckets(engine, reqs, cfg.max_batch)
   compiled_before = None
-  out, i, inflight = {}, 0, 0
+  out, i, inflight, tag = {}, 0, 0, "w"
   start = time.perf_counter()
   timed_from, end = start + warmup_s, start + warmup_s + duration_s
   while time.perf_counter() < end:
     if compiled_before is None and time.perf_counter() >= timed_from:
-      compiled_before = compilations()
+      compiled_before, i, tag = compilations(), 0, "t"  # the timed loop starts the sequence over, as HTTP's
     while inflight < clients:
-      engine.submit({**reqs[i % len(reqs)], "id": str(i)})
+      engine.submit({**reqs[i % len(reqs)], "id": f"{tag}{i % len(reqs)}"})
       i, inflight = i + 1, inflight + 1
     for r in engine.step():
       inflight -= 1
-      if r["timings"]["turnaround_s"] is not None and time.perf_counter() >= timed_from:
+      if r["id"].startswith("t") and time.perf_counter() < end:
         out[r["id"]] = r
   compiled = compilations() - (compiled_before or 0)
   engine.close()
@@ -180,7 +182,7 @@ def run_direct(store, cfg, reqs: list[dict], clients: int, duration_s: float, wa
       [r["timings"]["tpot_s"] for r in done if r["error"] is None and r["usage"]["completion_tokens"] > 1]
     ),
     "compiled_while_timed": compiled,
-    "token_ids": {int(k) % len(reqs): r["token_ids"] for k, r in out.items() if r["error"] is None},
+    "token_ids": {int(k[1:]): r["token_ids"] for k, r in out.items() if r["error"] is None},
   }
 
 
@@ -200,39 +202,91 @@ class Load:
     return self.timed_from <= t < self.end
 
 
-async def send_good(http, base: str, g: int, body: tuple, load: Load) -> None:
+class Connection:
+  """A lean keep-alive HTTP/1.1 client for one streaming client: SSE over chunked encoding.
+
+  httpx costs several times more CPU per event; on a 2-core machine the load generator's CPU is
+  taken from the server, so the streaming clients use this and only the bad requests use httpx.
+  """
+
+  def __init__(self, host: str, port: int):
+    self.host, self.port = host, port
+    self.reader = self.writer = None
+
+  async def post(self, path: str, body: dict) -> tuple[int, dict]:
+    if self.writer is None:
+      self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+    data = json.dumps(body).encode()
+    head = (
+      f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nAuthorization: Bearer {KEY}\r\n"
+      f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    self.writer.write(head.encode() + data)
+    status = int((await self.reader.readline()).split()[1])
+    headers = {}
+    while (line := await self.reader.readline()) not in (b"\r\n", b""):
+      name, _, value = line.decode("latin-1").partition(":")
+      headers[name.strip().lower()] = value.strip()
+    return status, headers
+
+  async def chunks(self, headers: dict):
+    """The response body's chunks (or its whole body when it has a Content-Length)."""
+    if "content-length" in headers:
+      yield await self.reader.readexactly(int(headers["content-length"]))
+      return
+    while True:
+      size = int((await self.reader.readline()).split(b";")[0], 16)
+      if size == 0:
+        await self.reader.readline()
+        return
+      yield (await self.reader.readexactly(size + 2))[:-2]
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+    self.reader = self.writer = None
+
+
+async def send_good(conn: Connection, g: int, body: tuple, load: Load) -> None:
   endpoint, payload = body
   path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
   start, first, last, ids, done = time.perf_counter(), None, None, [], False
-  headers = {"authorization": f"Bearer {KEY}"}
   try:
-    async with http.stream("POST", base + path, json={**payload, "stream": True}, headers=headers) as r:
-      if r.status_code != 200:
-        load.failures.append((g, r.status_code, (await r.aread())[:200].decode(errors="replace")))
-        return
-      async for line in r.aiter_lines():
-        if not line.startswith("data: "):
+    status, headers = await conn.post(path, {**payload, "stream": True})
+    if status != 200:
+      body = b"".join([c async for c in conn.chunks(headers)])
+      load.failures.append((g, status, body[:200].decode(errors="replace")))
+      return
+    buffer = b""
+    async for chunk in conn.chunks(headers):
+      buffer += chunk
+      *lines, buffer = buffer.split(b"\n")
+      for line in lines:
+        if not line.startswith(b"data: "):
           continue
-        if line == "data: [DONE]":
+        if line.strip() == b"data: [DONE]":
           done = True
-          break
-        chunk = json.loads(line[6:])
-        if "error" in chunk:
-          load.failures.append((g, "error event", chunk["error"]["message"]))
-          return
-        new = chunk["choices"][0]["token_ids"] if chunk["choices"] else []
+          continue
+        event = json.loads(line[6:])
+        if "error" in event:
+          load.failures.append((g, "error event", event["error"]["message"]))
+          continue
+        new = event["choices"][0]["token_ids"] if event["choices"] else []
         if new:
           now = time.perf_counter()
           first, last = first or now, now
           ids += new
           load.tokens += len(new) if load.timed(now) else 0
+    if headers.get("connection", "").lower() == "close":
+      conn.close()
   except Exception as e:  # a good request must not fail: record it
+    conn.close()
     load.failures.append((g, type(e).__name__, str(e)[:200]))
     return
   if not done:
     load.failures.append((g, "no [DONE]", ""))
     return
-  if load.timed(start):
+  if load.timed(start) and load.timed(time.perf_counter()):  # started and finished in the window
     load.served += 1
     load.token_ids[g] = ids
     if first is not None:
@@ -258,6 +312,8 @@ async def send_bad(http, base: str, j: int, tenants: list[str], load: Load) -> N
 
 
 async def client(http, base: str, goods: list, tenants: list[str], load: Load, bad_every: int) -> None:
+  host, port = base.removeprefix("http://").rsplit(":", 1)
+  conn = Connection(host, int(port))
   while time.perf_counter() < load.end:
     n, load.next = load.next, load.next + 1
     if n % bad_every == bad_every - 1:
@@ -266,18 +322,25 @@ async def client(http, base: str, goods: list, tenants: list[str], load: Load, b
     else:
       load.good += 1
       g = load.good - 1
-      await send_good(http, base, g % len(goods), goods[g % len(goods)], load)
+      await send_good(conn, g % len(goods), goods[g % len(goods)], load)
+  conn.close()
 
 
 async def warm_http(http, base: str, goods: list, reqs: list[dict], max_batch: int) -> None:
   """Bursts of every power-of-two size at both prompt buckets (as `warm_buckets`, over HTTP)."""
   load = Load(0.0, 0.0)
+  host, port = base.removeprefix("http://").rsplit(":", 1)
+  conns = [Connection(host, int(port)) for _ in range(max_batch)]
   size = 1
   while size <= max_batch:
     for long in (False, True):
       pick = [g for g, r in enumerate(reqs) if (prompt_tokens(r) > 8) == long][:size]
-      await asyncio.gather(*(send_good(http, base, g, goods[g], load) for g in pick))
+      await asyncio.gather(*(send_good(c, g, goods[g], load) for c, g in zip(conns, pick)))
     size *= 2
+  for c in conns:
+    c.close()
+  if load.failures:
+    raise RuntimeError(f"warm-up requests failed: {load.failures[:3]}")
 
 
 async def run_http(base: str, goods: list, reqs: list[dict], tenants: list[str], on_timed) -> Load:
@@ -305,7 +368,7 @@ def start_server(store: pathlib.Path, log_path: pathlib.Path):
   cmd = [
     sys.executable, "-m", "jaxmoe.cli.server", f"--store={store}", "--port=0", f"--mode={FLAGS.mode}",
     f"--max_batch={FLAGS.max_batch}", f"--max_seq_len={FLAGS.max_seq_len}", f"--max_waiting={4 * FLAGS.clients}",
-    f"--api_key={KEY}",
+    f"--api_key={KEY}", f"--stream_interval_s={FLAGS.stream_interval_s}",
   ]  # fmt: skip
   env = {**__import__("os").environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_path.open("w"), text=True, env=env, cwd=REPO)
@@ -335,8 +398,11 @@ def load_avg() -> list[float]:
   return [round(x, 2) for x in os.getloadavg()]
 
 
-def summarize(direct: dict, load, mem: dict, compiled: float, duration_s: float) -> dict:
-  same = [g for g in load.token_ids if g in direct["token_ids"]]
+def summarize(directs: list[dict], load, mem: dict, compiled: float, duration_s: float) -> dict:
+  """The report; `directs`: the direct runs before and after the HTTP run (half the time each)."""
+  token_ids = {g: t for d in directs for g, t in d["token_ids"].items()}
+  same = [g for g in load.token_ids if g in token_ids]
+  direct_rate = sum(d["tokens_per_s"] for d in directs) / len(directs)
   http = {
     "tokens_per_s": load.tokens / duration_s,
     "requests_per_s": load.served / duration_s,
@@ -352,14 +418,16 @@ def summarize(direct: dict, load, mem: dict, compiled: float, duration_s: float)
     "mismatched": load.mismatched[:10],
   }
   return {
-    "direct": {k: v for k, v in direct.items() if k != "token_ids"},
+    "direct_before": {k: v for k, v in directs[0].items() if k != "token_ids"},
+    "direct_after": {k: v for k, v in directs[1].items() if k != "token_ids"},
     "http": http,
-    "http_over_direct_tokens_per_s": http["tokens_per_s"] / direct["tokens_per_s"],
+    "direct_tokens_per_s": direct_rate,
+    "http_over_direct_tokens_per_s": http["tokens_per_s"] / direct_rate,
     "server_rss_bytes": mem,
     "rss_growth_timed": mem["end"] / mem["timed_start"] - 1,
     "identical_tokens": {
       "compared": len(same),
-      "equal": sum(load.token_ids[g] == direct["token_ids"][g] for g in same),
+      "equal": sum(load.token_ids[g] == token_ids[g] for g in same),
     },
   }
 
@@ -379,8 +447,11 @@ def measure(store_dir: pathlib.Path, root: pathlib.Path) -> dict:
   proc, base = start_server(store_dir, root / "server.log")
   try:
     mem = {"start": rss(proc.pid)}
-    direct = run_direct(store, cfg, reqs, FLAGS.clients, FLAGS.duration_s, FLAGS.warmup_s)
-    print(f"direct: {direct['tokens_per_s']:.1f} tokens/s", flush=True)
+    # Direct runs bracket the HTTP run (half its time before, half after), so load that other work
+    # puts on a shared machine weighs on both alike.
+    half = FLAGS.duration_s / 2
+    directs = [run_direct(store, cfg, reqs, FLAGS.clients, half, FLAGS.warmup_s)]
+    print(f"direct: {directs[0]['tokens_per_s']:.1f} tokens/s", flush=True)
     marks = {}
 
     def on_timed():
@@ -391,10 +462,12 @@ def measure(store_dir: pathlib.Path, root: pathlib.Path) -> dict:
     mem["end"] = rss(proc.pid)
     compiled = server_metric(base, "jaxmoe_server_compiled_programs") - marks["compiled"]
     health = httpx.get(base + "/health").json()
+    print(f"http: {load.tokens / FLAGS.duration_s:.1f} tokens/s", flush=True)
+    directs.append(run_direct(store, cfg, reqs, FLAGS.clients, half, 2.0))
   finally:
     proc.terminate()
     proc.wait(60)
-  out = summarize(direct, load, mem, compiled, FLAGS.duration_s)
+  out = summarize(directs, load, mem, compiled, FLAGS.duration_s)
   out["server_alive_at_end"] = health["status"] == "ok"
   return out
 
@@ -410,7 +483,17 @@ def main(argv):
   with tempfile.TemporaryDirectory() as tmp:
     root = pathlib.Path(tmp)
     results = measure(build_store(root, FLAGS.k), root)
-  names = ("clients", "duration_s", "warmup_s", "k", "max_batch", "max_seq_len", "bad_every", "mode")
+  names = (
+    "clients",
+    "duration_s",
+    "warmup_s",
+    "k",
+    "max_batch",
+    "max_seq_len",
+    "bad_every",
+    "mode",
+    "stream_interval_s",
+  )
   report = {
     "bench": "server_load",
     "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -426,7 +509,10 @@ def main(argv):
   if FLAGS.out:
     out = pathlib.Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "server_load.json").write_text(json.dumps(report, indent=1))
+    name = (
+      "server_load.json" if not FLAGS.stream_interval_s else f"server_load_interval{FLAGS.stream_interval_s:g}.json"
+    )
+    (out / name).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

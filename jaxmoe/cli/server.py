@@ -41,6 +41,12 @@ flags.DEFINE_string(
 flags.DEFINE_integer("max_waiting", 128, "Accepted requests not yet generating; beyond it requests get 429.")
 flags.DEFINE_float("request_timeout_s", 300.0, "Arrival to last token; a request past it gets 504 and is dropped.")
 flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body; larger ones get 413.")
+flags.DEFINE_float(
+  "stream_interval_s",
+  0.0,
+  "0: a streamed event per engine step; > 0: after the first, at most one event per interval "
+  "with the tokens of the steps between (less CPU per token when steps are short).",
+)
 flags.DEFINE_enum("log_level", "warning", ["critical", "error", "warning", "info", "debug"], "uvicorn's log level.")
 
 
@@ -75,6 +81,7 @@ def main(argv) -> int:
       max_waiting=FLAGS.max_waiting,
       request_timeout_s=FLAGS.request_timeout_s,
       max_body_bytes=FLAGS.max_body_bytes,
+      stream_interval_s=FLAGS.stream_interval_s,
     )
     asgi = create_app(store, engine_config, config)
   except ValueError as e:
@@ -91,6 +98,9 @@ def main(argv) -> int:
     f"listening on http://{host}:{port}",
     flush=True,
   )
+  # The engine thread and the event loop share the GIL: a 1 ms switch interval (default 5 ms) lets
+  # the engine thread take it back soon after each device call returns, so steps are not delayed.
+  sys.setswitchinterval(0.001)
   try:
     uvicorn.Server(uvicorn_config(asgi, FLAGS.host, port, FLAGS.log_level)).run(sockets=[sock])
   except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the SIGINT it caught

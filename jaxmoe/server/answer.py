@@ -14,6 +14,7 @@ import json
 import time
 
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 
 from jaxmoe.server import protocol
 from jaxmoe.server.errors import APIError, error_body
@@ -42,14 +43,14 @@ async def _watch_disconnect(receive, on_gone) -> None:
       return
 
 
-async def wait_response(hub, p, receive, deadline: float, timeout_s: float) -> dict:
+async def wait_response(hub, p, receive, timeout_s: float) -> dict:
   """The finished engine response of `p`; raises APIError on timeout, failure or engine error, and
   ClientGone if the client disconnects first."""
   watcher = asyncio.ensure_future(_watch_disconnect(receive, lambda: p.push("gone", None)))
   try:
     while True:
       try:
-        events = await p.next_events(deadline)
+        events = await p.next_events()
       except TimeoutError:
         hub.close(p, "timeout")
         raise APIError(504, f"the request timed out after {timeout_s:g} s", "timeout", counted=True) from None
@@ -93,40 +94,58 @@ class StreamWriter:
     return out
 
 
-async def _events(hub, p, writer: StreamWriter, deadline: float, timeout_s: float):
+def _sse(data: list[str]) -> bytes:
+  """Server-sent events, pre-formatted: the response writes bytes as they are, in one send."""
+  return b"".join(b"data: " + d.encode() + b"\r\n\r\n" for d in data)
+
+
+def _stream_batch(hub, p, writer: StreamWriter, events: list) -> tuple[list[str], bool]:
+  """SSE data for one wake-up's events (tokens of several steps merged into one chunk); done?"""
+  out, tokens = [], []
+  for kind, payload in events:
+    if kind == "tokens":
+      tokens += payload
+      continue
+    if tokens:
+      out.append(writer.chunk(p.text.push(tokens), tokens))
+      tokens = []
+    if kind == "done":
+      out += writer.final(payload) if payload["error"] is None else [_dumps(_engine_error(payload).body())]
+      return out, True
+    if kind == "failed":
+      return out + [_dumps(error_body(500, payload, "engine_failure"))], True
+  if tokens:
+    out.append(writer.chunk(p.text.push(tokens), tokens))
+  return out, False
+
+
+async def _events(hub, p, writer: StreamWriter, timeout_s: float, interval_s: float):
   try:
-    done = False
+    done, first = False, True
     while not done:
+      if interval_s > 0 and not first:
+        await asyncio.sleep(interval_s)  # let the engine's steps pile up: one send for several
+      first = False
       try:
-        events = await p.next_events(deadline)
+        events = await p.next_events()
       except TimeoutError:
         hub.close(p, "timeout")
-        yield _dumps(error_body(504, f"the request timed out after {timeout_s:g} s", "timeout"))
-        break
-      for kind, payload in events:
-        if kind == "tokens":
-          yield writer.chunk(p.text.push(payload), payload)
-        elif kind == "done":
-          done = True
-          if payload["error"] is not None:
-            e = _engine_error(payload)
-            yield _dumps(e.body())
-          else:
-            for chunk in writer.final(payload):
-              yield chunk
-        elif kind == "failed":
-          done = True
-          yield _dumps(error_body(500, payload, "engine_failure"))
-    yield "[DONE]"
+        yield _sse([_dumps(error_body(504, f"the request timed out after {timeout_s:g} s", "timeout")), "[DONE]"])
+        return
+      data, done = _stream_batch(hub, p, writer, events)
+      if data or done:
+        yield _sse(data + ["[DONE]"] if done else data)
   finally:  # also when the client disconnects: the response cancels this generator
     hub.close(p)
 
 
-def stream_response(hub, p, chat: bool, include_usage: bool, deadline: float, timeout_s: float, ping_s: float):
+def stream_response(hub, p, chat: bool, include_usage: bool, timeout_s: float, ping_s: float, interval_s: float):
   writer = StreamWriter(p, chat, include_usage)
   return EventSourceResponse(
-    _events(hub, p, writer, deadline, timeout_s),
+    _events(hub, p, writer, timeout_s, interval_s),
     ping=ping_s,
     send_timeout=30.0,  # a client that stops reading is dropped, and its row freed
     headers={"Cache-Control": "no-cache"},
+    # A stream the client left before it began never runs the generator's `finally`: close here too.
+    background=BackgroundTask(hub.close, p),
   )

@@ -48,10 +48,15 @@ class ServerConfig:
   request_timeout_s: float = 300.0  # arrival to last token; then 504
   max_body_bytes: int = 1 << 20  # larger bodies get 413
   sse_ping_s: float = 15.0  # keep-alive comments on idle streams
+  # 0: an event per engine step; > 0: after the first event, at most one per interval, holding the
+  # tokens of the steps between (fewer sends: less CPU per token when steps are short).
+  stream_interval_s: float = 0.0
 
   def __post_init__(self):
-    if self.max_waiting < 1 or self.request_timeout_s <= 0 or self.max_body_bytes < 1:
-      raise ValueError(f"need max_waiting >= 1, request_timeout_s > 0 and max_body_bytes >= 1, got {self}")
+    if self.max_waiting < 1 or self.request_timeout_s <= 0 or self.max_body_bytes < 1 or self.stream_interval_s < 0:
+      raise ValueError(
+        f"need max_waiting >= 1, request_timeout_s > 0, max_body_bytes >= 1, stream_interval_s >= 0; got {self}"
+      )
 
 
 def validation_message(exc: RequestValidationError) -> str:
@@ -112,9 +117,10 @@ class Server:
     p = await self.hub.submit(endpoint, fields, deadline, fill)
     if body.stream:
       usage = body.stream_options is not None and body.stream_options.include_usage
-      return stream_response(self.hub, p, endpoint == "chat", usage, deadline, timeout, self.config.sse_ping_s)
+      cfg = self.config
+      return stream_response(self.hub, p, endpoint == "chat", usage, timeout, cfg.sse_ping_s, cfg.stream_interval_s)
     try:
-      response = await wait_response(self.hub, p, request.receive, deadline, timeout)
+      response = await wait_response(self.hub, p, request.receive, timeout)
     except ClientGone:
       return Response(status_code=499)  # nginx's "client closed request": nobody reads it
     build = protocol.chat_body if endpoint == "chat" else protocol.completion_body

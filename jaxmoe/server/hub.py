@@ -24,33 +24,38 @@ log = logging.getLogger("jaxmoe.server")
 
 
 class Pending:
-  """One request between its submission and the end of its answer."""
+  """One request between its submission and the end of its answer, with its deadline armed."""
 
-  def __init__(self, rid: str, model: str, asked, endpoint: str):
+  def __init__(self, rid: str, model: str, asked, endpoint: str, deadline: float):
     self.rid, self.model, self.asked, self.endpoint = rid, model, asked, endpoint
-    self.accepted: asyncio.Future = asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
+    self.accepted: asyncio.Future = loop.create_future()
     self.items: collections.deque = collections.deque()
     self.wake = asyncio.Event()
     self.text: TextStream | None = None
-    self.waiting = True  # counted against --max_waiting until its first token
+    self.waiting = True  # counted as waiting until its first token
     self.ended = False  # the engine holds it no more (finished, rejected, failed)
+    self.expired = False
+    # One timer per request rather than a timeout per wait: waits happen once per token.
+    self.timer = loop.call_at(deadline, self._expire)
+
+  def _expire(self) -> None:
+    self.expired = True
+    if not self.accepted.done():
+      self.accepted.set_exception(TimeoutError())
+    self.wake.set()
 
   def push(self, kind: str, payload) -> None:
     self.items.append((kind, payload))
     self.wake.set()
 
-  async def next_events(self, deadline: float) -> list:
-    """The events since the last call; raises TimeoutError once `deadline` (loop time) has passed."""
-    loop = asyncio.get_running_loop()
-    while not self.items:
-      remaining = deadline - loop.time()
-      if remaining <= 0:
-        raise TimeoutError
+  async def next_events(self) -> list:
+    """The events since the last call; raises TimeoutError once the deadline has passed."""
+    while not self.items and not self.expired:
       self.wake.clear()
-      try:
-        await asyncio.wait_for(self.wake.wait(), remaining)
-      except asyncio.TimeoutError:
-        raise TimeoutError from None
+      await self.wake.wait()
+    if not self.items:
+      raise TimeoutError
     items = list(self.items)
     self.items.clear()
     return items
@@ -62,6 +67,7 @@ class Hub:
   def __init__(self, tenants, metrics, tokenizer):
     self.tenants, self.metrics, self.tokenizer = tenants, metrics, tokenizer
     self.pending: dict[str, Pending] = {}
+    self._prefix, self._count = uuid.uuid4().hex[:12], 0
     self.waiting = 0  # submitted, no token yet (the engine thread bounds the accepted ones)
     self.engine_loop = None
     self.aio: asyncio.AbstractEventLoop | None = None
@@ -79,8 +85,9 @@ class Hub:
     """Queues a request and waits for the engine thread's verdict; raises APIError (400/404/429/504)."""
     model = request.get("model")
     label = model if isinstance(model, str) and model in self.tenants.names else UNKNOWN
-    rid = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-    p = Pending(rid, label, model, endpoint)
+    self._count += 1  # unique in this process; the prefix keeps ids unique across restarts
+    rid = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{self._prefix}{self._count}"
+    p = Pending(rid, label, model, endpoint, deadline)
     try:
       self.engine_loop.submit(Submission(rid, {**request, "id": rid}, fill_max_tokens))
     except queue.Full:
@@ -88,8 +95,8 @@ class Hub:
     self.pending[rid] = p
     self.waiting += 1
     try:
-      await asyncio.wait_for(p.accepted, max(deadline - self.aio.time(), 0.001))
-    except asyncio.TimeoutError:
+      await p.accepted
+    except TimeoutError:
       self.close(p, "timeout")
       raise APIError(504, "timed out before the engine took the request", "timeout", counted=True) from None
     except BaseException:
@@ -102,6 +109,7 @@ class Hub:
     with `outcome`. True if it was cancelled."""
     if self.pending.pop(p.rid, None) is None:
       return False
+    p.timer.cancel()
     self._leave_waiting(p)
     if not p.ended:
       p.ended = True

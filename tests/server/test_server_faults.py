@@ -196,3 +196,20 @@ def test_swap_mode_reports_the_resident_backbone(served):
   assert metric(url, "jaxmoe_device_backbone_bytes", model="tenant0") == 0
   assert metric(url, "jaxmoe_device_backbone_bytes", model="tenant2") > 0
   assert all(c["quality_drift"] is None and c["base_tenant"] is None for c in cards.values())
+
+
+def test_stream_interval_sends_fewer_events_with_the_same_text():
+  store = synthetic_store(config.preset("tiny"), k=2, seed=0)
+  cfg = EngineConfig(mode=Mode.MIXED, max_batch=2, max_seq_len=64)
+  app = create_app(
+    store,
+    cfg,
+    ServerConfig(stream_interval_s=0.1),
+    make_engine=lambda on_token: ScriptedEngine(store.tenants, cfg, on_token),
+  )
+  body = {"model": "tenant1", "prompt": "x", "max_tokens": 30, "stream": True}  # 30 steps of 20 ms
+  with serve_in_thread(app) as url, httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=10) as s:
+    data = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+  assert "".join(d["choices"][0]["text"] for d in data) == "a" * 30
+  assert data[0]["choices"][0]["token_ids"] == [97]  # the first token is not held back
+  assert 3 <= len(data) <= 12  # ~0.6 s of steps at one event per 0.1 s (+ the final chunk), not 31
