@@ -211,5 +211,5 @@ def test_stream_interval_sends_fewer_events_with_the_same_text():
   with serve_in_thread(app) as url, httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=10) as s:
     data = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
   assert "".join(d["choices"][0]["text"] for d in data) == "a" * 30
-  assert data[0]["choices"][0]["token_ids"] == [97]  # the first token is not held back
+  assert len(data[0]["choices"][0]["token_ids"]) <= 2  # the first event is not held back
   assert 3 <= len(data) <= 12  # ~0.6 s of steps at one event per 0.1 s (+ the final chunk), not 31
