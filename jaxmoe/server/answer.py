@@ -101,21 +101,22 @@ def _sse(data: list[str]) -> bytes:
 
 def _stream_batch(hub, p, writer: StreamWriter, events: list) -> tuple[list[str], bool]:
   """SSE data for one wake-up's events (tokens of several steps merged into one chunk); done?"""
-  out, tokens = [], []
+  out, tokens, text = [], [], ""
   for kind, payload in events:
     if kind == "tokens":
-      tokens += payload
+      tokens += payload[0]
+      text += payload[1]
       continue
     if tokens:
-      out.append(writer.chunk(p.text.push(tokens), tokens))
-      tokens = []
+      out.append(writer.chunk(p.text.push(text), tokens))
+      tokens, text = [], ""
     if kind == "done":
       out += writer.final(payload) if payload["error"] is None else [_dumps(_engine_error(payload).body())]
       return out, True
     if kind == "failed":
       return out + [_dumps(error_body(500, payload, "engine_failure"))], True
   if tokens:
-    out.append(writer.chunk(p.text.push(tokens), tokens))
+    out.append(writer.chunk(p.text.push(text), tokens))
   return out, False
 
 

@@ -15,7 +15,7 @@ import logging
 import queue
 import uuid
 
-from jaxmoe.server.detok import TextStream
+from jaxmoe.server.detok import SentText
 from jaxmoe.server.errors import APIError
 from jaxmoe.server.loop import Batch, Submission
 from jaxmoe.server.metrics import UNKNOWN
@@ -32,7 +32,7 @@ class Pending:
     self.accepted: asyncio.Future = loop.create_future()
     self.items: collections.deque = collections.deque()
     self.wake = asyncio.Event()
-    self.text: TextStream | None = None
+    self.text: SentText | None = None
     self.waiting = True  # counted as waiting until its first token
     self.ended = False  # the engine holds it no more (finished, rejected, failed)
     self.expired = False
@@ -133,7 +133,7 @@ class Hub:
     get = self.pending.get
     for rid, request in batch.accepted:
       if (p := get(rid)) is not None and not p.accepted.done():
-        p.text = TextStream(self.tokenizer, request.stop)
+        p.text = SentText()
         p.accepted.set_result(request)
     for rid, message, status in batch.rejected:
       if (p := get(rid)) is not None:
@@ -146,12 +146,12 @@ class Hub:
         code = {404: "model_not_found", 429: "queue_full", 500: "internal_error"}.get(status)
         if not p.accepted.done():
           p.accepted.set_exception(APIError(status, message, code))
-    for rid, ids in batch.tokens.items():
+    for rid, (ids, text) in batch.tokens.items():
       if (p := get(rid)) is not None:
         self._leave_waiting(p)
         self.metrics.generated.labels(p.model).inc(len(ids))
         self.tenants.active = p.model
-        p.push("tokens", ids)
+        p.push("tokens", (ids, text))
     for response in batch.finished:
       if (p := get(response["id"])) is not None:
         p.ended = True

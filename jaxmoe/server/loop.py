@@ -33,7 +33,7 @@ class Batch:
 
   accepted: list = dataclasses.field(default_factory=list)  # (rid, Request)
   rejected: list = dataclasses.field(default_factory=list)  # (rid, message, HTTP status 400 | 429 | 500)
-  tokens: dict = dataclasses.field(default_factory=dict)  # rid -> [token ids]
+  tokens: dict = dataclasses.field(default_factory=dict)  # rid -> ([token ids], text those tokens completed)
   finished: list = dataclasses.field(default_factory=list)  # engine response dicts
   failed: list = dataclasses.field(default_factory=list)  # (rid, message): the engine raised
   cancelled: list = dataclasses.field(default_factory=list)  # (rid, found, decode steps the cancel waited)
@@ -102,8 +102,11 @@ class EngineLoop:
 
   # The engine thread.
   def _on_token(self, rid: str, token_id: int, text_delta: str) -> None:
-    del text_delta  # the HTTP side detokenizes itself, holding back partial characters and stops
-    self._batch.tokens.setdefault(rid, []).append(int(token_id))
+    # The engine's deltas hold back partial characters and what may become a stop string: they add
+    # up to the final text.
+    ids, text = self._batch.tokens.get(rid, ([], ""))
+    ids.append(int(token_id))
+    self._batch.tokens[rid] = (ids, text + text_delta)
     self._unstarted.discard(rid)
 
   def _run(self) -> None:
@@ -149,7 +152,7 @@ class EngineLoop:
   def _accept(self, sub: Submission) -> None:
     # Validation first, so a bad request is told what is wrong with it even when the queue is full.
     try:
-      request = self._check(sub)
+      request, prompt = self._check(sub)
     except RequestError as e:
       self._batch.rejected.append((sub.rid, str(e), 400))
       return
@@ -161,27 +164,21 @@ class EngineLoop:
       message = f"the server's waiting queue is full ({self.max_waiting} requests); retry later"
       self._batch.rejected.append((sub.rid, message, 429))
       return
-    self.engine.submit(request)
+    self.engine.submit(request, prompt=prompt)
     self._live.add(sub.rid)
     self._unstarted.add(sub.rid)
     self._batch.accepted.append((sub.rid, request))
 
   def _check(self, sub: Submission):
-    """engine.check, the one validation path; with fill_max_tokens, the largest max_tokens it takes."""
+    """engine.check, the one validation path: (Request, prompt ids). With fill_max_tokens, max_tokens is
+    all the room the prompt leaves."""
     if not sub.fill_max_tokens:
-      return self.engine.check(sub.request, sub.rid)[0]
-    limit = self.engine.config.max_seq_len
+      return self.engine.check(sub.request, sub.rid)
     prompt_len = len(sub.request.get("prompt_ids") or ())
-    # Decoder-only families fit prompt + max_tokens in max_seq_len; encoder-decoders only max_tokens.
-    error = None
-    for max_tokens in sorted({limit - 1, limit - prompt_len}, reverse=True):
-      if max_tokens < 1:
-        continue
-      try:
-        return self.engine.check({**sub.request, "max_tokens": max_tokens}, sub.rid)[0]
-      except RequestError as e:
-        error = e
-    raise error if error is not None else RequestError(f"the prompt leaves no room in max_seq_len={limit}")
+    room = self.engine.room(prompt_len)
+    if room < 1:
+      raise RequestError(f"the prompt leaves no room in max_seq_len={self.engine.config.max_seq_len}")
+    return self.engine.check({**sub.request, "max_tokens": room}, sub.rid)
 
   def _step(self) -> None:
     try:

@@ -136,14 +136,20 @@ class Engine:
       )
     return request, prompt
 
-  def submit(self, request: Request | dict, default_id: str = "request") -> str:
-    """Queues a request; an invalid one is answered with an error response at the next step."""
-    try:
-      checked, prompt = self.check(request, default_id)
-    except RequestError as e:
-      rid, model = _id_and_model(request, default_id)
-      self.reject(rid, str(e), model)
-      return rid
+  def submit(self, request: Request | dict, default_id: str = "request", prompt: list[int] | None = None) -> str:
+    """Queues a request; an invalid one is answered with an error response at the next step.
+
+    `prompt`, the token ids `check` returned for this very Request, skips checking it again.
+    """
+    if prompt is not None and isinstance(request, Request):
+      checked = request
+    else:
+      try:
+        checked, prompt = self.check(request, default_id)
+      except RequestError as e:
+        rid, model = _id_and_model(request, default_id)
+        self.reject(rid, str(e), model)
+        return rid
     seq = Sequence(checked, prompt, self.clock())
     if self.tokenizer is not None:
       seq.stream = TextStream(self.tokenizer, checked.stop)
@@ -182,6 +188,13 @@ class Engine:
       raise RequestError("the prompt encodes to no tokens")
     self.family.check_lengths(len(ids), r.max_tokens, self.config.max_seq_len)
     return ids
+
+  def room(self, prompt_len: int) -> int:
+    """The largest max_tokens a request with a prompt of `prompt_len` tokens may ask for (0: none)."""
+    self_pos, enc_pos = self.family.positions(prompt_len, 0)
+    if enc_pos:  # encoder-decoder: the prompt and the decoder positions are bounded apart
+      return 0 if prompt_len > self.config.max_seq_len else self.config.max_seq_len - self_pos
+    return max(0, self.config.max_seq_len - self_pos)
 
   def _pages_needed(self, prompt_len: int, max_tokens: int) -> tuple[int, int]:
     """(self-attention pages, encoder pages) of a request. Prefill's padding past them lands in the
@@ -410,6 +423,7 @@ class Engine:
       "kv_pages_free": self.pages.free,
       "running": self.num_running,
       "waiting": self.num_waiting,
+      "resident": {t: int(self.weights.resident(t)) for t in self.weights.tenants},
       "decode_steps": self.decode_steps,
       "requests": self.served.requests,
       "errors": self.served.errors,

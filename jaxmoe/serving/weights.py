@@ -61,6 +61,10 @@ class TenantWeights:
   def prefetch(self, tenant: str) -> None:
     """Starts bringing `tenant` in ahead of a switch (only swap moves bytes)."""
 
+  def resident(self, tenant: str) -> bool:
+    """Whether `tenant`'s backbone is on the device now."""
+    return True
+
   def device_bytes(self) -> int:
     raise NotImplementedError
 
@@ -124,6 +128,9 @@ class SwapWeights(TenantWeights):
 
   def device_bytes(self) -> int:
     return tree_bytes(self.pool) + (tree_bytes(self.device_backbone) if self.device_backbone is not None else 0)
+
+  def resident(self, tenant: str) -> bool:
+    return tenant == self.active
 
 
 class MixedWeights(TenantWeights):

@@ -46,9 +46,12 @@ class ScriptedEngine:
       raise RequestError(f"'max_tokens'={r.max_tokens} is above the limit")
     return r, ids
 
-  def submit(self, request):
+  def room(self, prompt_len):
+    return self.config.max_seq_len - prompt_len
+
+  def submit(self, request, default_id="request", prompt=None):
     try:
-      r, ids = self.check(request)
+      r, ids = (request, prompt) if prompt is not None else self.check(request)
     except RequestError as e:
       self.done.append(error_response(getattr(request, "id", "request"), None, str(e)))
       return getattr(request, "id", "request")
