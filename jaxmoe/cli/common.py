@@ -25,3 +25,62 @@ def define_moe_impl(help_extra: str = "") -> flags.FlagHolder:
     "MoE strategy: auto (Pallas on GPUs, routed elsewhere), dense (reference), experts, "
     "routed, ragged, pallas, pallas_interpret." + help_extra,
   )
+
+
+def define_engine_flags() -> None:
+  """The serving engine's flags, the same names on every entry point that runs an engine."""
+  flags.DEFINE_enum(
+    "mode",
+    "mixed",
+    ["swap", "resident", "mixed"],
+    "swap: one backbone on the device, copied in on a tenant switch; resident: all backbones "
+    "on the device; mixed: batches mix tenants.",
+  )
+  flags.DEFINE_integer("max_batch", 8, "Sequences decoded together.")
+  flags.DEFINE_integer("max_seq_len", 512, "Longest prompt + max_tokens.")
+  flags.DEFINE_float("max_wait_s", 1.0, "swap/resident: how long a tenant may wait before the batch switches to it.")
+  flags.DEFINE_integer("page_size", 16, "Positions per KV-cache page.")
+  flags.DEFINE_float("kv_cache_gb", None, "KV pages in 10^9 bytes (default: max_batch rows of max_seq_len).")
+  flags.DEFINE_float(
+    "expert_cache_gb",
+    None,
+    "Device bytes for experts in 10^9 (default: the whole pool on the device); the rest stay on the host "
+    "and are copied in when routed.",
+  )
+  flags.DEFINE_float(
+    "host_cache_gb",
+    None,
+    "Host bytes for experts in 10^9 (default: the whole pool in host memory); the rest are read from the "
+    "store's files when needed. Needs --expert_cache_gb.",
+  )
+  flags.DEFINE_list("pinned_tenants", [], "With --expert_cache_gb: tenants whose experts are never evicted.")
+  define_moe_impl()
+
+
+def engine_config():
+  """EngineConfig from the flags of `define_engine_flags`."""
+  from jaxmoe.nn.moe import Impl
+  from jaxmoe.serving import EngineConfig, Mode
+
+  f = flags.FLAGS
+  return EngineConfig(
+    mode=Mode(f.mode),
+    max_batch=f.max_batch,
+    max_seq_len=f.max_seq_len,
+    max_wait_s=f.max_wait_s,
+    impl=Impl(f.moe_impl),
+    page_size=f.page_size,
+    kv_cache_gb=f.kv_cache_gb,
+    expert_cache_gb=f.expert_cache_gb,
+    pinned_tenants=tuple(f.pinned_tenants),
+  )
+
+
+def load_store(path: str):
+  """The store at `path`, its pool read lazily from disk when --host_cache_gb bounds host memory."""
+  import jaxmoe
+
+  f = flags.FLAGS
+  if f.host_cache_gb is not None and f.expert_cache_gb is None:
+    raise ValueError("--host_cache_gb needs --expert_cache_gb (a pool read from disk is never all on the device)")
+  return jaxmoe.load_store(path, host_cache_gb=f.host_cache_gb)

@@ -14,23 +14,13 @@ import sys
 
 from absl import app, flags
 
-from jaxmoe.cli.common import define_moe_impl, quiet_library_logs
+from jaxmoe.cli.common import define_engine_flags, engine_config, load_store, quiet_library_logs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("store", None, "Store folder from jaxmoe-consolidate.")
 flags.DEFINE_string("requests", None, "Input: one JSON request per line.")
 flags.DEFINE_string("out", None, "Output: one JSON response per input line.")
-flags.DEFINE_enum(
-  "mode",
-  "mixed",
-  ["swap", "resident", "mixed"],
-  "swap: one backbone on the device, copied in on a tenant switch; resident: all backbones "
-  "on the device; mixed: batches mix tenants.",
-)
-flags.DEFINE_integer("max_batch", 8, "Sequences decoded together.")
-flags.DEFINE_integer("max_seq_len", 512, "Longest prompt + max_tokens.")
-flags.DEFINE_float("max_wait_s", 1.0, "swap/resident: how long a tenant may wait before the batch switches to it.")
-define_moe_impl()
+define_engine_flags()
 flags.DEFINE_bool("progress", True, "Progress bar on stderr.")
 
 
@@ -43,6 +33,13 @@ def format_summary(s: dict) -> str:
   def ms(x):
     return "-" if x is None else f"{1e3 * x:.1f} ms"
 
+  cache = []
+  if "expert_cache_slots" in s:
+    cache = [
+      f"expert cache {s['expert_cache_slots']} of {s['expert_pool_slots']} experts: {s['expert_cache_hits']} hits, "
+      f"{s['expert_cache_misses']} misses, {s['expert_cache_prefetched']} prefetched, "
+      f"{s['expert_cache_bytes'] / 2**20:.1f} MiB copied in {s['expert_cache_s']:.3f} s"
+    ]
   return "\n".join(
     [
       f"mode {s['mode']}: {s['requests']} requests ({s['completed']} served, {s['errors']} errors), "
@@ -51,6 +48,7 @@ def format_summary(s: dict) -> str:
       f"turnaround p50 {ms(s['turnaround_p50_s'])}, p99 {ms(s['turnaround_p99_s'])}",
       f"switches {s['switches']} ({s['switch_bytes'] / 2**20:.1f} MiB, {s['switch_s']:.3f} s); "
       f"compiled programs {s['compilations']}; weights on device {s['device_weight_bytes'] / 2**20:.1f} MiB",
+      *cache,
     ]
   )
 
@@ -81,9 +79,7 @@ def serve(lines: list[bytes], engine, out, progress: bool) -> dict:
 def main(argv) -> int:
   del argv
   quiet_library_logs()
-  import jaxmoe
-  from jaxmoe.nn.moe import Impl
-  from jaxmoe.serving import Engine, EngineConfig, Mode
+  from jaxmoe.serving import Engine
 
   try:
     with open(FLAGS.requests, "rb") as f:
@@ -96,16 +92,10 @@ def main(argv) -> int:
     return fatal(f"cannot write --out: {e}")
   with out:
     try:
-      store = jaxmoe.load_store(FLAGS.store)
+      store = load_store(FLAGS.store)
     except (OSError, ValueError) as e:
       return fatal(f"cannot read --store: {e}")
-    config = EngineConfig(
-      mode=Mode(FLAGS.mode),
-      max_batch=FLAGS.max_batch,
-      max_seq_len=FLAGS.max_seq_len,
-      max_wait_s=FLAGS.max_wait_s,
-      impl=Impl(FLAGS.moe_impl),
-    )
+    config = engine_config()
     try:
       engine = Engine(store, config)
     except ValueError as e:

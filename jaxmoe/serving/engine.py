@@ -53,6 +53,7 @@ from jaxmoe.families import registry
 from jaxmoe.nn.moe import Impl
 from jaxmoe.nn.sampling import SamplingParams
 from jaxmoe.nn.tenancy import MixedTenants, SingleTenant
+from jaxmoe.serving import experts
 from jaxmoe.serving import requests as req_lib
 from jaxmoe.serving.detok import TextStream
 from jaxmoe.serving.pages import HostRows, PageAllocator, pages_for
@@ -130,12 +131,13 @@ class Engine:
     layout = registry.of(self.cfg).layout
     expert = tree_bytes(trees.abstract(layout.expert_shapes(self.cfg, 1), self.cfg.dtype))
     tenants = len(store.tenants) if self.config.mode is Mode.MIXED else 1
-    need = self.family.min_cache_slots(self.cfg, self.config.max_batch, tenants)
+    maps = [store.slot_maps[t] for t in store.tenants]
+    need = experts.min_slots(maps, self.cfg.num_experts, self.config.max_batch, tenants)
     slots = int(gb * 1e9 // expert)
     if slots < need:
       raise ValueError(
         f"expert_cache_gb={gb:g} holds {slots} experts of {expert / 1e6:.3g} MB; one layer's worst case "
-        f"needs {need} ({self.cfg.num_experts} per tenant of a batch): at least expert_cache_gb="
+        f"needs {need} (up to {self.cfg.num_experts} per tenant of a batch): at least expert_cache_gb="
         f"{need * expert / 1e9:.4g}"
       )
     return slots

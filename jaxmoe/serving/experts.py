@@ -4,7 +4,7 @@ Three tiers, as JetStream keeps adapters: the store on disk, host memory, the
 device. A `HostPool` holds every pool slot on the host: all of them in memory
 (`ArrayPool`, pinned host buffers where the device has them), or read lazily
 out of the store's files through tensorstore with a bounded host cache
-(`StorePool`). An `ExpertCache` holds C <= X slots on the device in donated
+(`jaxmoe.io.store.LazyPool`, from `load_store(path, host_cache_gb=...)`). An `ExpertCache` holds C <= X slots on the device in donated
 buffers [C, ...] and one more level of indirection: pool slot -> cache slot
 (`cache_of`, uploaded to the device when it changes). Model code still reaches
 experts only through maps: the engine hands it the cache buffers as the pool
@@ -16,9 +16,12 @@ experts. The router's pool slots [T, K] come back (a few bytes), `ensure` copies
 the missing ones into cache slots and the experts run. This costs one sync and
 two dispatches per layer, and in exchange works at any budget that holds one
 layer's worst case, exactly (the experts' math is the same program whichever
-cache slot holds them). While a layer's experts run, `prefetch` starts copying
-what the next layer routed to at the previous step (routing repeats from token
-to token), so those copies overlap compute.
+cache slot holds them). Right after a layer's experts are dispatched,
+`prefetch` copies in what the next layer routed to the last time it ran
+(routing repeats from token to token), displacing only colder experts: the
+copies overlap the running layer, and the next layer's sync finds them
+resident. A wrong guess costs bytes, never correctness: `ensure` still checks
+every routed slot.
 
 Eviction keeps hot experts: each slot's score is a use count that decays with
 every later use of the cache (LRFU: frequency-aware LRU). The victims are the
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import pathlib
 import time
 
 import jax
@@ -67,49 +69,12 @@ class ArrayPool:
     return {n: [self._slots[n][int(s)] for s in slots] for n in self.leaves}
 
 
-class StorePool:
-  """Every pool slot read lazily out of a store's per-layer parts, with at most `host_bytes` cached.
-
-  tensorstore reads the chunks a slot lives in and keeps them in its own LRU
-  cache, bounded by the context's `cache_pool` limit: disk -> host -> device.
-  """
-
-  def __init__(self, store_path, parts: list[str], slots_per_layer: list[int], shapes: dict, dtype, host_bytes: int):
-    import tensorstore as ts
-
-    self.leaves = tuple(shapes)
-    self.shapes = {n: tuple(s) for n, s in shapes.items()}
-    self.dtypes = {n: np.dtype(dtype) for n in shapes}
-    self.num_slots = int(sum(slots_per_layer))
-    self._layer_of = np.repeat(np.arange(len(slots_per_layer)), slots_per_layer)
-    self._first = np.concatenate([[0], np.cumsum(slots_per_layer)[:-1]])
-    context = ts.Context({"cache_pool": {"total_bytes_limit": int(host_bytes)}})
-    base = pathlib.Path(store_path).absolute()
-    self._arrays = [
-      {
-        n: ts.open(
-          {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{base / part}", "path": n}},
-          open=True,
-          read=True,
-          context=context,
-        ).result()
-        for n in self.leaves
-      }
-      for part in parts
-    ]
-
-  @property
-  def expert_bytes(self) -> int:
-    return int(sum(np.prod(s) * self.dtypes[n].itemsize for n, s in self.shapes.items()))
-
-  def read(self, slots) -> dict[str, list]:
-    out = {n: [] for n in self.leaves}
-    for s in slots:
-      layer = int(self._layer_of[int(s)])
-      local = int(s) - int(self._first[layer])
-      for n in self.leaves:
-        out[n].append(moe.pack({n: self._arrays[layer][n][local].read().result()})[n])
-    return out
+def min_slots(slot_maps, num_experts: int, rows: int, tenants: int) -> int:
+  """Cache slots one layer may need at once: a batch of `rows` rows of up to `tenants` tenants routes to
+  at most E experts per tenant, and never to more than the layer's distinct slots (shared experts)."""
+  maps = np.stack([np.asarray(m) for m in slot_maps])  # [A, L, E]
+  distinct = max(len(np.unique(maps[:, layer])) for layer in range(maps.shape[1]))
+  return int(min(num_experts * max(1, min(rows, tenants)), distinct))
 
 
 @functools.partial(jax.jit, donate_argnames=("buffers",))
@@ -120,11 +85,11 @@ def _write(buffers: dict, cache_slots, experts: dict):
 
 @dataclasses.dataclass
 class CacheStats:
-  hits: int = 0
-  misses: int = 0
-  bytes: int = 0
-  seconds: float = 0.0
-  prefetched: int = 0
+  hits: int = 0  # routed slots found resident
+  misses: int = 0  # routed slots copied in on demand
+  bytes: int = 0  # copied host -> device: (misses + prefetched) experts
+  seconds: float = 0.0  # host time spent starting those copies
+  prefetched: int = 0  # slots copied ahead of their layer
 
 
 class ExpertCache:
@@ -145,7 +110,7 @@ class ExpertCache:
     self._dirty = True
     self._device_map = None
     self._last_routed: dict[int, np.ndarray] = {}  # layer -> slots it routed to last time
-    self._inflight: dict[int, dict] = {}  # pool slot -> device arrays of a started prefetch
+    self._protect = np.zeros(0, np.int64)  # what the running layer uses
     self.stats = CacheStats()
 
   @property
@@ -173,19 +138,33 @@ class ExpertCache:
     missing = needed[self.cache_of[needed] < 0]
     self.stats.hits += len(needed) - len(missing)
     self._load(missing, protect=needed)
+    self._protect = needed
     if layer is not None:
       self._last_routed[layer] = needed
 
   def prefetch(self, layer: int) -> None:
-    """Starts copying, for layer `layer`, the slots it routed to last time that are not resident."""
+    """Copies in, ahead of its router, what layer `layer` routed to last time, where that displaces only
+    colder experts than the guess and none the running layer uses; the copies overlap the running layer.
+    """
     guess = self._last_routed.get(layer)
     if guess is None:
       return
-    for s in guess[self.cache_of[guess] < 0]:
-      if int(s) not in self._inflight:
-        arrays = self.host.read([s])
-        self._inflight[int(s)] = jax.device_put({n: v[0] for n, v in arrays.items()}, jax.devices()[0])
-        self.stats.prefetched += 1
+    guess = guess[self.cache_of[guess] < 0]
+    if len(guess) == 0:
+      return
+    decay = DECAY ** (self._clock - self._last[guess])
+    guess = guess[np.argsort(-(self._score[guess] * decay), kind="stable")]  # hottest first
+    victims, scores = self._ranked(self._protect)
+    take = min(len(guess), len(victims))
+    hot = self._score[guess[:take]] * DECAY ** (self._clock - self._last[guess[:take]])
+    take = int(np.sum(scores[:take] < hot))  # both sorted: stop where the victim is as hot as the guess
+    if take == 0:
+      return
+    start = time.perf_counter()
+    self._install(guess[:take], victims[:take])
+    self.stats.prefetched += take
+    self.stats.bytes += take * self.host.expert_bytes
+    self.stats.seconds += time.perf_counter() - start
 
   def _load(self, missing: np.ndarray, protect: np.ndarray) -> None:
     if len(missing) == 0:
@@ -193,48 +172,40 @@ class ExpertCache:
     if len(missing) > self.capacity:
       raise ValueError(f"a layer needs {len(missing)} experts resident at once; the cache holds {self.capacity}")
     start = time.perf_counter()
-    victims = self._victims(len(missing), protect)
-    fresh = [s for s in missing if int(s) not in self._inflight]
-    read = self.host.read(fresh) if fresh else {n: [] for n in self.host.leaves}
-    fresh_at = {int(s): i for i, s in enumerate(fresh)}
-    experts = {}
-    for n in self.host.leaves:
-      parts = [self._inflight[int(s)][n] if int(s) in self._inflight else read[n][fresh_at[int(s)]] for s in missing]
-      experts[n] = parts
-    for s in missing:
-      self._inflight.pop(int(s), None)
-    self._write(victims, experts)
-    old = self.slot_in[victims]
-    self.cache_of[old[old >= 0]] = -1
-    self.slot_in[victims] = missing
-    self.cache_of[missing] = victims
-    self._dirty = True
+    victims, _ = self._ranked(protect)
+    if len(victims) < len(missing):
+      raise ValueError(f"a layer needs {len(missing)} more experts but only {len(victims)} cache slots can be evicted")
+    self._install(missing, victims[: len(missing)])
     self.stats.misses += len(missing)
     self.stats.bytes += len(missing) * self.host.expert_bytes
     self.stats.seconds += time.perf_counter() - start
 
-  def _victims(self, n: int, protect: np.ndarray) -> np.ndarray:
-    """The n cache slots to overwrite: empty ones first, then the lowest decayed scores."""
+  def _ranked(self, protect: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Evictable cache slots, coldest first (empty ones before any), and their decayed scores."""
     held = self.slot_in
     score = np.full(self.capacity, -1.0)  # empty slots go first
     used = held >= 0
-    decay = DECAY ** (self._clock - self._last[held[used]])
-    score[used] = self._score[held[used]] * decay
+    score[used] = self._score[held[used]] * DECAY ** (self._clock - self._last[held[used]])
     keep = np.zeros(self.capacity, bool)
     keep[used] = self._pinned[held[used]] | np.isin(held[used], protect)
-    score[keep] = np.inf
-    victims = np.argsort(score, kind="stable")[:n]
-    if np.isinf(score[victims]).any():
-      raise ValueError(f"a layer needs {n} more experts but only {int((~keep).sum())} cache slots can be evicted")
-    return victims
+    order = np.argsort(score, kind="stable")
+    order = order[~keep[order]]
+    return order, score[order]
 
-  def _write(self, victims: np.ndarray, experts: dict) -> None:
+  def _install(self, slots: np.ndarray, victims: np.ndarray) -> None:
+    """Pool slots `slots` into cache slots `victims` (one donated write), and the maps updated."""
+    experts = self.host.read(slots)
     m = len(victims)
     width = buckets.pow2(m)  # few compiled write programs: pad by repeating the last copy
     idx = np.concatenate([victims, np.repeat(victims[-1:], width - m)]).astype(np.int32)
     padded = {n: list(parts) + [parts[-1]] * (width - m) for n, parts in experts.items()}
     on_device = jax.device_put(padded, jax.devices()[0])  # one dispatch for every copy
     self.buffers = _write(self.buffers, jnp.asarray(idx), on_device)
+    old = self.slot_in[victims]
+    self.cache_of[old[old >= 0]] = -1
+    self.slot_in[victims] = slots
+    self.cache_of[slots] = victims
+    self._dirty = True
 
   def occupancy(self, slot_maps: dict[str, np.ndarray]) -> dict[str, float]:
     """Per tenant: the share of its L * E experts resident now."""

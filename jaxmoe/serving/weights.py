@@ -55,7 +55,7 @@ class TenantWeights:
     lazy = getattr(store, "host_pool", None)  # a store read lazily off disk (io/store.py)
     total = lazy.num_slots if lazy is not None else moe.num_slots(store.pool)
     if cache_slots is None or cache_slots >= total:
-      self.pool, self.cache = to_device(moe.pack(_materialize(store))), None
+      self.pool, self.cache = to_device(moe.pack(store.pool)), None
     else:  # the pool stays on the host; a device cache holds the experts in use
       self.pool, self.cache = None, ExpertCache(lazy if lazy is not None else ArrayPool(store.pool), cache_slots)
     self.host_slot_maps = {t: np.asarray(store.slot_maps[t], np.int32) for t in self.tenants}
@@ -161,13 +161,6 @@ class MixedWeights(TenantWeights):
 
   def device_bytes(self) -> int:
     return self.expert_bytes() + tree_bytes(self.stacked["backbone"])
-
-
-def _materialize(store) -> dict:
-  lazy = getattr(store, "host_pool", None)
-  if lazy is None:
-    return store.pool
-  return {n: np.stack(v) for n, v in lazy.read(range(lazy.num_slots)).items()}
 
 
 def make_weights(mode: Mode, store, cache_slots: int | None = None) -> TenantWeights:

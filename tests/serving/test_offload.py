@@ -10,7 +10,7 @@ from jaxmoe.families.mixtral import config as mixtral_config
 from jaxmoe.families.switch import config as switch_config
 from jaxmoe.nn import moe
 from jaxmoe.serving import Engine, EngineConfig, Mode
-from jaxmoe.serving.experts import ArrayPool, ExpertCache
+from jaxmoe.serving.experts import ArrayPool, ExpertCache, min_slots
 from jaxmoe.serving.synthetic import synthetic_store
 
 MAX_SEQ, BATCH = 32, 4
@@ -28,7 +28,7 @@ def workload(store, n: int = 6):
     {
       "id": f"r{i}",
       "model": store.tenants[i % len(store.tenants)],
-      "prompt_ids": rng.integers(0, 250, int(rng.integers(1, 14))).tolist(),
+      "prompt_ids": rng.integers(0, 250, int(rng.integers(5, 9))).tolist(),  # one prompt bucket: few compiles
       "max_tokens": int(rng.integers(1, 7)),
       **({"temperature": 0.8, "top_p": 0.9, "seed": i} if i % 2 else {}),
     }
@@ -51,7 +51,7 @@ def serve(store, mode: Mode, slots: int | None = None):
 
 def minimum(store, mode: Mode) -> int:
   tenants = len(store.tenants) if mode is Mode.MIXED else 1
-  return store.config.num_experts * min(BATCH, tenants)
+  return min_slots(store.slot_maps.values(), store.config.num_experts, BATCH, tenants)
 
 
 @pytest.mark.parametrize("mode", list(Mode))
@@ -63,10 +63,12 @@ def test_a_cache_smaller_than_the_pool_serves_the_same_tokens(store, mode):
   for slots in sorted(budgets):
     got, engine = serve(store, mode, slots)
     assert got == want, f"{mode.value}, {slots} of {pool} slots"
+    assert engine.weights.expert_bytes() == slots * expert_bytes(store)  # the device holds only the cache
     stats = engine.summary()
     assert stats["expert_cache_slots"] == slots
     assert stats["expert_cache_misses"] > 0
-    assert stats["expert_cache_bytes"] == stats["expert_cache_misses"] * expert_bytes(store)
+    fetched = stats["expert_cache_misses"] + stats["expert_cache_prefetched"]
+    assert stats["expert_cache_bytes"] == fetched * expert_bytes(store)
     engine.close()
 
 
@@ -105,3 +107,23 @@ def test_eviction_keeps_the_frequently_used_expert():
   assert cache.stats.misses == 4 and cache.stats.hits == 4
   held = np.asarray(cache.buffers["w"])[cache.cache_of[[0, 2, 3]]]
   np.testing.assert_array_equal(held[:, 0, 0], [0, 2, 3])
+
+
+def test_prefetch_brings_back_a_hot_expert_and_spares_the_running_layer():
+  pool = {"w": np.arange(6, dtype=np.float32)[:, None, None] * np.ones((6, 2, 2), np.float32)}
+  cache = ExpertCache(ArrayPool(pool), capacity=3)
+  for _ in range(3):
+    cache.ensure([0], layer=1)  # layer 1 routes to slot 0, often
+  cache.ensure([3, 4, 5], layer=0)  # a wide layer 0 evicts it
+  assert cache.cache_of[0] < 0
+  cache.ensure([3], layer=0)  # layer 0 now running on slot 3
+  cache.prefetch(1)
+  assert cache.cache_of[3] >= 0 and cache.cache_of[0] >= 0 and cache.stats.prefetched == 1
+  misses = cache.stats.misses
+  cache.ensure([0], layer=1)
+  assert cache.stats.misses == misses  # the prefetch made it a hit
+  held = np.asarray(cache.buffers["w"])[cache.cache_of[[0, 3]]]
+  np.testing.assert_array_equal(held[:, 0, 0], [0, 3])
+  assert cache.stats.bytes == (cache.stats.misses + cache.stats.prefetched) * cache.host.expert_bytes
+  cache.prefetch(0)  # layer 0 last routed to slot 3, resident: nothing to copy
+  assert cache.stats.prefetched == 1

@@ -108,7 +108,3 @@ class DecoderOnly:
     if cache is not None:
       return decode_stepped(params, tokens, kv, rows, cache, cfg, impl, ops)
     return decode(params, tokens, kv, rows, cfg, impl, ops)
-
-  def min_cache_slots(self, cfg, rows: int, tenants: int) -> int:
-    """One layer's worst case: every row's tenant may route to all E of its experts."""
-    return cfg.num_experts * max(1, min(rows, tenants))

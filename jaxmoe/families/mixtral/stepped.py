@@ -81,4 +81,5 @@ def run(
     x, kv, h, logits, slots = attend_layer(params, layer, x, positions, kv, tables, cfg, impl, ops, decode)
     cache.ensure(slots, layer)
     x = experts_layer(params, layer, x, h, logits, cache.buffers, cache.device_map, cfg, impl, ops)
+    cache.prefetch((layer + 1) % cfg.num_layers)  # the next step's first layer after the last
   return head(params, x, logits_at, cfg, ops), kv

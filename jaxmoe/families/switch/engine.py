@@ -101,6 +101,3 @@ class EncoderDecoder:
       nxt, rows = _sample(logits, rows)
       return nxt, kv, rows
     return decode(params, tokens, kv, rows, cfg, impl, ops)
-
-  def min_cache_slots(self, cfg: SwitchConfig, rows: int, tenants: int) -> int:
-    return cfg.num_experts * max(1, min(rows, tenants))

@@ -120,10 +120,12 @@ def run_stack(params, stack: str, x, ctx, kv, cache, cfg: SwitchConfig, impl: Im
       static = dict(stack=stack, j=j, sparse=sparse, write_cross=write_cross)
       x, kv, h, logits, slots = attend_block(params, group, x, ctx, kv, cfg, impl, ops, **static)
       if sparse:
-        cache.ensure(slots, moe_row(cfg, stack, j, group))
+        row = moe_row(cfg, stack, j, group)
+        cache.ensure(slots, row)
         x = experts_block(
           params, group, x, h, logits, cache.buffers, cache.device_map, cfg, impl, ops, stack=stack, j=j
         )
+        cache.prefetch(row + 1 if row + 1 < cfg.num_moe_layers else sum(cfg.encoder_sparse))  # then decoder's first
   return end(params, x, cfg, ops, stack=stack), kv
 
 
