@@ -96,11 +96,23 @@ class Engine:
     _check_config(config, self.cfg)
     self.family = registry.of(self.cfg).engine
     self.tokenizer = tokenizer if tokenizer is not None else getattr(store, "tokenizer", None)
-    self.weights = make_weights(config.mode, store, self._cache_slots(store))
-    for tenant in config.pinned_tenants:
-      if self.weights.cache is None or tenant not in self.weights.index:
-        raise ValueError(f"pinned_tenants: {tenant!r} is not a tenant of this store, or there is no expert cache")
-      self.weights.cache.pin(store.slot_maps[tenant])
+    unknown = [t for t in config.pinned_tenants if t not in store.tenants]
+    if unknown:
+      raise ValueError(f"pinned_tenants: {unknown} are not tenants of this store ({store.tenants})")
+    slots = self._cache_slots(store)
+    self.weights = make_weights(config.mode, store, slots)
+    if self.weights.cache is not None and config.pinned_tenants:  # without a cache every expert stays anyway
+      try:
+        self.weights.cache.pin(np.concatenate([np.ravel(store.slot_maps[t]) for t in config.pinned_tenants]))
+        evictable = slots - int(self.weights.cache.pinned_count)
+        if evictable < self._min_cache_slots:
+          raise ValueError(
+            f"pinned_tenants {list(config.pinned_tenants)} hold {slots - evictable} of the cache's {slots} "
+            f"experts; one layer may need {self._min_cache_slots} more: raise expert_cache_gb or pin fewer"
+          )
+      except ValueError:
+        self.weights.close()
+        raise
     q = config.page_size
     width = pages_for(config.max_seq_len, q)
     cross_width = width if self.family.cross else 0
@@ -133,6 +145,7 @@ class Engine:
     tenants = len(store.tenants) if self.config.mode is Mode.MIXED else 1
     maps = [store.slot_maps[t] for t in store.tenants]
     need = experts.min_slots(maps, self.cfg.num_experts, self.config.max_batch, tenants)
+    self._min_cache_slots = need
     slots = int(gb * 1e9 // expert)
     if slots < need:
       raise ValueError(

@@ -120,6 +120,10 @@ class ExpertCache:
       self._device_map, self._dirty = to_device(self.cache_of.copy()), False
     return self._device_map
 
+  @property
+  def pinned_count(self) -> int:
+    return int(self._pinned.sum())
+
   def pin(self, slots) -> None:
     """Makes `slots` resident and keeps them so (a tenant's experts that must not be evicted)."""
     slots = np.unique(np.asarray(slots, np.int64))

@@ -3,6 +3,8 @@ all-on-device engine serves, in every mode, for both families, at any budget it 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -93,6 +95,10 @@ def test_pinned_tenant_stays_resident(store):
   engine.run_until_done()
   occupancy = engine.summary()["expert_cache_occupancy"]
   assert occupancy[pinned] == 1.0 and min(occupancy.values()) < 1.0
+  with pytest.raises(ValueError, match="pin fewer|cannot pin"):  # no room left for the other tenants' layer
+    Engine(store, dataclasses.replace(cfg, pinned_tenants=tuple(store.tenants[:2])))
+  with pytest.raises(ValueError, match="not tenants of this store"):
+    Engine(store, dataclasses.replace(cfg, pinned_tenants=("nobody",)))
 
 
 def test_eviction_keeps_the_frequently_used_expert():

@@ -12,7 +12,8 @@ device expert cache (EngineConfig.expert_cache_gb, jaxmoe/serving/experts.py):
 the experts that do not fit stay in host memory and are copied in when routed,
 exactly as jaxmoe offloads (the same cache, eviction and prefetch; the real
 routing decides what is copied). A slice too small for one layer's E experts
-cannot serve and is refused. The KV cache is not counted against B, and every
+gets room for E (an engine cannot run a layer with fewer): more than its
+share, in the partition's favour; `memory()` reports it. The KV cache is not counted against B, and every
 slice gets the same max_batch as the other systems (generous to the partition).
 
 Compute. A slice with 1/K of the compute runs on a clock with scale K: every
@@ -44,19 +45,14 @@ from jaxmoe.serving import Engine, EngineConfig, Mode
 
 
 def slice_experts(cfg, slice_bytes: int, backbone_bytes: int, expert_bytes: int) -> int:
-  """Experts a slice of `slice_bytes` holds on its device beside its tenant's backbone."""
+  """Experts a slice of `slice_bytes` holds on its device beside its tenant's backbone; at least one layer's E
+  (an engine cannot run a layer with fewer), which gives a too small slice more memory than its share."""
   if slice_bytes < backbone_bytes:
     raise ValueError(
       f"a slice of {slice_bytes} bytes cannot hold its tenant's backbone "
       f"({backbone_bytes} bytes): raise the partition's memory budget"
     )
-  slots = (slice_bytes - backbone_bytes) // expert_bytes
-  if slots < cfg.num_experts:
-    raise ValueError(
-      f"a slice of {slice_bytes} bytes holds {slots} experts beside its backbone; one layer needs "
-      f"{cfg.num_experts}: raise the partition's memory budget"
-    )
-  return int(slots)
+  return int(max(cfg.num_experts, (slice_bytes - backbone_bytes) // expert_bytes))
 
 
 class MigSystem:
@@ -103,6 +99,9 @@ class MigSystem:
       "kv_bytes": sum(lane.feed.engine.stats()["kv_bytes"] for lane in self.lanes.values()),
       "budget_bytes": self.budget_bytes,
       "spilled_experts_per_slice": spilled,
+      "slice_experts": self.cache_slots,
+      "slice_raised_to_one_layer": self.slice_bytes - self.host.backbone_bytes
+      < self.cache_slots * self.host.expert_bytes,
     }
 
   def close(self) -> None:
