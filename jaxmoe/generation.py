@@ -8,6 +8,7 @@ decoder-only and an encoder-decoder model and is each family's own.
 
 from __future__ import annotations
 
+import math
 from typing import Protocol, runtime_checkable
 
 import jax
@@ -24,19 +25,39 @@ CACHE_BLOCK = 64  # cache lengths are rounded up to this: few compiled shapes
 PROMPT_FLOOR = 8  # prompts are padded to a power of two >= this: prefill compiles O(log T) times
 
 
+SEED_RANGE = (0, 2**31)  # the sampler's seeds are int32: [0, 2^31)
+
+
 def pad_id(cfg) -> int:
-  """What fills a row after its EOS: the pad id, else EOS, else 0."""
-  return cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
+  """What fills a row after its EOS: the pad id, else the first EOS id, else 0."""
+  if cfg.pad_token_id is not None:
+    return cfg.pad_token_id
+  return cfg.eos_ids[0] if cfg.eos_ids else 0
+
+
+def check_sampling(max_new_tokens, temperature, top_p, seed) -> None:
+  """Raises ValueError naming the first argument `generate` cannot honour."""
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+  if not (isinstance(temperature, (int, float, np.floating)) and math.isfinite(temperature) and temperature >= 0):
+    raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 is greedy)")
+  if not (isinstance(top_p, (int, float, np.floating)) and 0 < top_p <= 1):
+    raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
+  lo, hi = SEED_RANGE
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not lo <= seed < hi:
+    raise ValueError(f"seed={seed!r} must be an integer in [0, 2^31)")
 
 
 def decode_loop(
-  logits, cache, step, max_new_tokens: int, temperature: float, top_p: float, seed: int, eos: int | None, pad: int
+  logits, cache, step, max_new_tokens: int, temperature: float, top_p: float, seed: int, eos: tuple[int, ...], pad: int
 ) -> np.ndarray:
   """Samples up to n tokens per row, calling `step(tokens [B], cache) -> (logits, cache)` between.
 
-  Rows that produced `eos` are padded from then on; decoding stops early when
-  every row has (HF `generate`). Returns int32 [B, n'] with n' <= n.
+  A row that produced any id of `eos` (empty: never stop) is padded from then
+  on; decoding stops early when every row has (HF `generate` with a list of
+  EOS ids). Returns int32 [B, n'] with n' <= n.
   """
+  eos = np.asarray(tuple(eos), np.int64)
   b = logits.shape[0]
   seeds = jnp.full((b,), seed, jnp.int32)
   temp = jnp.full((b,), temperature, jnp.float32)
@@ -46,8 +67,8 @@ def decode_loop(
     nxt = np.asarray(sampling.sample(logits, seeds, jnp.full((b,), i, jnp.int32), temp, nucleus))
     nxt = np.where(done, pad, nxt).astype(np.int32)
     new.append(nxt)
-    if eos is not None:
-      done |= nxt == eos
+    if eos.size:
+      done |= np.isin(nxt, eos)
     if done.all() or i == max_new_tokens - 1:
       break
     logits, cache = step(nxt, cache)
@@ -119,8 +140,9 @@ class ModelBase:
       max_new_tokens: n, tokens to add per row.
       temperature: 0 is greedy; > 0 samples (with `top_p` nucleus and `seed`).
       lengths: [B] prompt lengths for a right-padded batch (default: all T).
-      stop_at_eos: like HF `generate`: a row that produced EOS is padded from
-        then on, and decoding stops early when every row has.
+      stop_at_eos: like HF `generate`: a row that produced any EOS id
+        (`config.eos_ids`) is padded from then on, and decoding stops early
+        when every row has.
 
     Returns:
       int32 rows of the family's output (`new_tokens` picks the new ones):
@@ -129,8 +151,7 @@ class ModelBase:
       after EOS.
     """
     tokens, lengths = self._batch(tokens, lengths)
-    if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    check_sampling(max_new_tokens, temperature, top_p, seed)
     b, t = tokens.shape
     padded = np.zeros((b, buckets.pow2(t, floor=PROMPT_FLOOR)), np.int32)
     padded[:, :t] = tokens
@@ -145,7 +166,7 @@ class ModelBase:
         temperature,
         top_p,
         seed,
-        cfg.eos_token_id if stop_at_eos else None,
+        cfg.eos_ids if stop_at_eos else (),
         pad_id(cfg),
       )
     return self._assemble(tokens, lengths, new)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+import warnings
+
 from absl import flags, logging
 
 
@@ -25,3 +29,34 @@ def define_moe_impl(help_extra: str = "") -> flags.FlagHolder:
     "MoE strategy: auto (Pallas on GPUs, routed elsewhere), dense (reference), experts, "
     "routed, ragged, pallas, pallas_interpret." + help_extra,
   )
+
+
+def define_verify_checksums() -> flags.FlagHolder:
+  """--verify_checksums: compare every checkpoint/store part with its recorded checksum (default on)."""
+  return flags.DEFINE_bool(
+    "verify_checksums",
+    True,
+    "Compare every part read with the checksum recorded when it was written, and refuse non-finite "
+    "weights (--noverify_checksums skips this pass over the weights).",
+  )
+
+
+def one_line_warnings(prog: str) -> None:
+  """Library warnings (a checkpoint without checksums) print as one `prog: warning: ...` line."""
+  warnings.formatwarning = lambda message, category, *args, **kwargs: f"{prog}: warning: {message}\n"
+
+
+def terminate_like_interrupt() -> None:
+  """SIGTERM and SIGHUP raise KeyboardInterrupt, as SIGINT does, so atomic writes clean up after themselves."""
+
+  def handler(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+  for sig in (signal.SIGTERM, signal.SIGHUP):
+    signal.signal(sig, handler)
+
+
+def interrupted(prog: str, e: KeyboardInterrupt, what: str) -> int:
+  """The message and exit status (130) of a run stopped by a signal."""
+  print(f"{prog}: interrupted by {e.args[0] if e.args else 'SIGINT'}; {what}", file=sys.stderr)
+  return 130

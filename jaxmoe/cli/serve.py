@@ -2,24 +2,43 @@
 
   jaxmoe-serve --store=STORE --requests=in.jsonl --out=out.jsonl --mode=mixed --max_batch=8
 
-Every input line gets exactly one output line with its id (a bad line gets an
-error response; the others are served). Exit code 0 unless something fatal
-happens: an unreadable store or requests file, an unwritable output (2).
+Every input line gets exactly one output line (a bad line, a duplicate id
+included, gets an error response; the others are served). Responses are
+written in completion order, the lines refused before serving first: match
+them by `id`, unique in a batch, or by `line`, the 1-based input line number
+every response carries. Everything is checked (requests file, store, flags)
+before anything is written, and responses go to a temporary file renamed
+onto --out at the end, so a fatal error or a signal leaves --out as it was.
+Exit code 0, or 2 when something fatal happens: an unreadable store or
+requests file, bad flags, an unwritable output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pathlib
+import stat
 import sys
 
 from absl import app, flags
 
-from jaxmoe.cli.common import define_moe_impl, quiet_library_logs
+from jaxmoe.cli.common import (
+  define_moe_impl,
+  define_verify_checksums,
+  interrupted,
+  one_line_warnings,
+  quiet_library_logs,
+  terminate_like_interrupt,
+)
 
+PROG = "jaxmoe-serve"
+DEFAULT_MAX_SEQ_LEN = 512
 FLAGS = flags.FLAGS
 flags.DEFINE_string("store", None, "Store folder from jaxmoe-consolidate.")
 flags.DEFINE_string("requests", None, "Input: one JSON request per line.")
-flags.DEFINE_string("out", None, "Output: one JSON response per input line.")
+flags.DEFINE_string("out", None, "Output: one JSON response per input line (replaced at the end; not --requests).")
 flags.DEFINE_enum(
   "mode",
   "mixed",
@@ -28,15 +47,19 @@ flags.DEFINE_enum(
   "on the device; mixed: batches mix tenants.",
 )
 flags.DEFINE_integer("max_batch", 8, "Sequences decoded together.")
-flags.DEFINE_integer("max_seq_len", 512, "Longest prompt + max_tokens.")
+flags.DEFINE_integer(
+  "max_seq_len",
+  None,
+  f"Longest prompt + max_tokens; default {DEFAULT_MAX_SEQ_LEN}, or the model's max_position_embeddings if smaller.",
+)
 flags.DEFINE_float("max_wait_s", 1.0, "swap/resident: how long a tenant may wait before the batch switches to it.")
 define_moe_impl()
+define_verify_checksums()
 flags.DEFINE_bool("progress", True, "Progress bar on stderr.")
 
 
-def fatal(message: str) -> int:
-  print(f"jaxmoe-serve: fatal: {message}", file=sys.stderr)
-  return 2
+class Fatal(Exception):
+  """Ends the run with exit status 2 and a one-line message."""
 
 
 def format_summary(s: dict) -> str:
@@ -55,62 +78,140 @@ def format_summary(s: dict) -> str:
   )
 
 
+def write(out, response: dict, line: int) -> None:
+  try:
+    out.write(json.dumps({**response, "line": line}) + "\n")  # ASCII: lone surrogates in an id stay escaped
+    out.flush()
+  except OSError as e:
+    raise Fatal(f"cannot write --out: {e}") from None
+
+
+def submit_lines(lines: list[bytes], engine, out) -> tuple[dict[str, int], int]:
+  """Validates every line; refused ones are answered at once. Returns ({id: line} queued, refused)."""
+  from jaxmoe.serving import requests as req_lib
+
+  ids, queued, refused = req_lib.UniqueIds(), {}, 0
+  for n, line in enumerate(lines, start=1):
+    rid, model = req_lib.line_id(line, n), None
+    try:
+      if not line.strip():
+        raise req_lib.RequestError(f"line {n} is empty")
+      request = req_lib.parse_line(line, n)
+      rid, model = request.id, request.model
+      ids.claim(rid, n)
+      engine.check(request)
+    except Exception as e:  # any failure on one line is that line's answer, never the run's end
+      ids.record(rid, n)
+      message = (
+        str(e) if isinstance(e, req_lib.RequestError) else f"cannot serve this request ({type(e).__name__}: {e})"
+      )
+      write(out, req_lib.error_response(rid, model, message), n)
+      refused += 1
+      continue
+    engine.submit(request)
+    queued[rid] = n
+  return queued, refused
+
+
 def serve(lines: list[bytes], engine, out, progress: bool) -> dict:
   from tqdm import tqdm
 
-  from jaxmoe.serving import requests as req_lib
-
   bar = tqdm(total=len(lines), unit="req", file=sys.stderr, disable=not progress)
-  for n, line in enumerate(lines, start=1):
-    if not line.strip():
-      engine.reject(f"line-{n}", f"line {n} is empty")
-      continue
-    try:
-      engine.submit(req_lib.parse_line(line, n))
-    except req_lib.RequestError as e:
-      engine.reject(req_lib.line_id(line, n), str(e))
+  queued, refused = submit_lines(lines, engine, out)
+  bar.update(refused)
   while engine.has_work:
     for response in engine.step():
-      out.write(json.dumps(response) + "\n")
-      out.flush()
+      write(out, response, queued.get(response["id"], 0))
       bar.update(1)
   bar.close()
-  return engine.summary()
+  summary = engine.summary()
+  summary["requests"] += refused  # refused lines never reached the engine
+  summary["errors"] += refused
+  return summary
 
 
-def main(argv) -> int:
-  del argv
-  quiet_library_logs()
-  import jaxmoe
+def check_paths(requests: pathlib.Path, out: pathlib.Path) -> bool:
+  """Raises Fatal unless --out can be written without touching --requests; True: write --out directly."""
+  if out.is_dir():
+    raise Fatal(f"cannot write --out: {out} is a folder")
+  if out.exists() and (out.resolve() == requests.resolve() or os.path.samefile(out, requests)):
+    raise Fatal(f"--out={out} is the --requests file: refusing to replace the requests by the responses")
+  direct = out.exists() and not stat.S_ISREG(out.stat().st_mode)  # /dev/stdout, a pipe: never replaced
+  if not direct and not out.absolute().parent.is_dir():
+    raise Fatal(f"cannot write --out: folder {out.absolute().parent} does not exist")
+  return direct
+
+
+@contextlib.contextmanager
+def open_out(out: pathlib.Path, direct: bool):
+  from jaxmoe.io import files
+
+  try:
+    ctx = open(out, "w", encoding="utf-8") if direct else files.atomic_file(out)
+    with ctx as f:
+      yield f
+  except OSError as e:  # opening, or the final flush and rename
+    raise Fatal(f"cannot write --out: {e}") from None
+
+
+def max_seq_len(store) -> int:
+  """--max_seq_len, else the default capped by the model's positions: the default always starts."""
+  if FLAGS.max_seq_len is not None:
+    return FLAGS.max_seq_len
+  limit = store.config.max_positions
+  return DEFAULT_MAX_SEQ_LEN if limit is None else min(DEFAULT_MAX_SEQ_LEN, limit)
+
+
+def build_engine(store):
   from jaxmoe.nn.moe import Impl
   from jaxmoe.serving import Engine, EngineConfig, Mode
 
+  config = EngineConfig(
+    mode=Mode(FLAGS.mode),
+    max_batch=FLAGS.max_batch,
+    max_seq_len=max_seq_len(store),
+    max_wait_s=FLAGS.max_wait_s,
+    impl=Impl(FLAGS.moe_impl),
+  )
   try:
-    with open(FLAGS.requests, "rb") as f:
-      lines = f.read().splitlines()
-  except OSError as e:
-    return fatal(f"cannot read --requests: {e}")
+    return Engine(store, config)
+  except ValueError as e:
+    raise Fatal(str(e)) from None
+
+
+def run_serve() -> dict:
+  import jaxmoe
+  from jaxmoe.serving import requests as req_lib
+
+  requests, out = pathlib.Path(FLAGS.requests), pathlib.Path(FLAGS.out)
   try:
-    out = open(FLAGS.out, "w", encoding="utf-8")
+    lines = req_lib.request_lines(requests.read_bytes())
   except OSError as e:
-    return fatal(f"cannot write --out: {e}")
-  with out:
-    try:
-      store = jaxmoe.load_store(FLAGS.store)
-    except (OSError, ValueError) as e:
-      return fatal(f"cannot read --store: {e}")
-    config = EngineConfig(
-      mode=Mode(FLAGS.mode),
-      max_batch=FLAGS.max_batch,
-      max_seq_len=FLAGS.max_seq_len,
-      max_wait_s=FLAGS.max_wait_s,
-      impl=Impl(FLAGS.moe_impl),
-    )
-    try:
-      engine = Engine(store, config)
-    except ValueError as e:
-      return fatal(str(e))
-    summary = serve(lines, engine, out, FLAGS.progress)
+    raise Fatal(f"cannot read --requests: {e}") from None
+  direct = check_paths(requests, out)
+  try:
+    store = jaxmoe.load_store(FLAGS.store, verify_checksums=FLAGS.verify_checksums)
+  except (OSError, ValueError) as e:
+    raise Fatal(f"cannot read --store: {e}") from None
+  engine = build_engine(store)
+  with open_out(out, direct) as f:
+    return serve(lines, engine, f, FLAGS.progress)
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    print(f"{PROG}: fatal: unexpected arguments {argv[1:]}", file=sys.stderr)
+    return 2
+  quiet_library_logs()
+  one_line_warnings(PROG)
+  terminate_like_interrupt()
+  try:
+    summary = run_serve()
+  except Fatal as e:
+    print(f"{PROG}: fatal: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt as e:
+    return interrupted(PROG, e, "--out left as it was")
   print(format_summary(summary))
   return 0
 

@@ -13,6 +13,7 @@ failure leaves no store.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
 from collections.abc import Sequence
@@ -49,10 +50,12 @@ class ConsolidateConfig:
   def __post_init__(self):
     if (self.budget_gb is None) == (self.share_fraction is None):
       raise ConsolidateError("give exactly one of --budget_gb and --share_fraction")
-    if self.budget_gb is not None and not self.budget_gb >= 0:
-      raise ConsolidateError(f"--budget_gb={self.budget_gb} must be >= 0")
+    if self.budget_gb is not None and not (math.isfinite(self.budget_gb) and self.budget_gb >= 0):
+      raise ConsolidateError(f"--budget_gb={self.budget_gb} must be a finite number >= 0")
     if (self.metric is Metric.OUTPUT) != (self.calibration_text is not None):
       raise ConsolidateError("--calibration text is needed by --metric=output, and used by nothing else")
+    if self.calibration_text is not None and not self.calibration_text.strip():
+      raise ConsolidateError("the --calibration text is empty: the output metric needs text to run the tenants on")
     if self.calibration_tokens < 1:
       raise ConsolidateError(f"--calibration_tokens={self.calibration_tokens} must be >= 1")
     if self.base_tenant is not None and self.owner is not Owner.BASE:
@@ -70,7 +73,10 @@ class ConsolidateConfig:
 
 
 def consolidate(
-  tenants: Sequence[tuple[str, str | os.PathLike]], out: str | os.PathLike, ccfg: ConsolidateConfig
+  tenants: Sequence[tuple[str, str | os.PathLike]],
+  out: str | os.PathLike,
+  ccfg: ConsolidateConfig,
+  verify_checksums: bool = True,
 ) -> dict:
   """Consolidates K >= 2 tenant checkpoints into one store.
 
@@ -78,6 +84,8 @@ def consolidate(
     tenants: (name, checkpoint folder) pairs, in the order the store lists them.
     out: store folder to create; it must not exist.
     ccfg: metric, budget or share fraction, owner policy, calibration text.
+    verify_checksums: compare every part read with its recorded checksum and
+      refuse non-finite weights (the store writer refuses them regardless).
 
   Returns:
     The store.json content (also what report.table prints).
@@ -92,7 +100,7 @@ def consolidate(
   out = pathlib.Path(out)
   if out.exists():
     raise ConsolidateError(f"output {out} already exists; remove it or choose another path")
-  with open_tenants(dict(tenants)) as readers:
+  with open_tenants(dict(tenants), verify_checksums) as readers:
     cfg = readers[names[0]].config
     if sel.budget_bytes is not None:
       check_budget(sel.budget_bytes, cfg.num_moe_layers, cfg.num_experts, expert_bytes(cfg))
@@ -142,27 +150,33 @@ def _distance_pass(readers, w: StoreWriter, ccfg: ConsolidateConfig) -> tuple[np
   dists, sames = [], []
   moe_index = {part: i for i, part in enumerate(first.layout.moe_parts(cfg))}
   for part in first.part_names()[1:]:
-    trees = {name: r.read_part(part) for name, r in readers.items()}
-    for name, tree in trees.items():
-      w.write_backbone_part(name, part, tree["backbone"])
-    if part not in moe_index:
-      continue  # a dense block: backbone only
-    i = moe_index[part]
-    layers = {name: (tree["backbone"], tree["experts"]) for name, tree in trees.items()}
-    experts = [logical_experts(pool, readers[name].slot_map[i]) for name, (_, pool) in layers.items()]
-    inputs = None
-    if xs is not None:
-      hidden = []
-      with precision(cfg.dtype):
-        for name, (layer, pool) in layers.items():
-          row = jnp.asarray(readers[name].slot_map[i])
-          xs[name], h = step(layer, pool, row, xs[name], cfg, ccfg.impl)
-          hidden.append(h.reshape(-1, cfg.hidden_size))
-      inputs = jnp.concatenate(hidden)
-    d, s = layer_distances(experts, ccfg.metric, inputs)
-    dists.append(d)
-    sames.append(s)
+    trees = {}
+    for name, r in readers.items():  # one tenant's part at a time, written as soon as it is read
+      trees[name] = r.read_part(part)
+      w.write_backbone_part(name, part, trees[name]["backbone"])
+    if part in moe_index:  # a dense block has its backbone only
+      d, s = _layer_distances(readers, trees, moe_index[part], xs, step, ccfg)
+      dists.append(d)
+      sames.append(s)
+    del trees  # before the next part is read: one layer of every tenant at a time
   return np.stack(dists), np.stack(sames)
+
+
+def _layer_distances(readers, trees: dict, i: int, xs, step, ccfg: ConsolidateConfig):
+  """(dist [E, K, K], same [E, K, K]) of MoE layer i; advances the calibration states `xs`."""
+  cfg = next(iter(readers.values())).config
+  experts = [logical_experts(trees[name]["experts"], r.slot_map[i]) for name, r in readers.items()]
+  inputs = None
+  if xs is not None:
+    hidden = []
+    with precision(cfg.dtype):
+      for name, r in readers.items():
+        row = jnp.asarray(r.slot_map[i])
+        xs[name], h = step(trees[name]["backbone"], trees[name]["experts"], row, xs[name], cfg, ccfg.impl)
+        hidden.append(h.reshape(-1, cfg.hidden_size))
+    inputs = jnp.concatenate(hidden)
+    del hidden
+  return layer_distances(experts, ccfg.metric, inputs)
 
 
 def build_pool(groups, experts: list[dict]) -> dict[str, np.ndarray]:
@@ -183,7 +197,10 @@ def build_pool(groups, experts: list[dict]) -> dict[str, np.ndarray]:
 def _pool_pass(readers, w: StoreWriter, plan: Plan) -> None:
   for i, groups in enumerate(plan.layers):
     experts = [logical_experts(r.read_pool(i), r.slot_map[i]) for r in readers.values()]
-    w.write_pool_layer(i, build_pool(groups, experts))
+    pool = build_pool(groups, experts)
+    del experts  # the tenants' layer goes before the pool is written: writes may buffer a copy
+    w.write_pool_layer(i, pool)
+    del pool  # before the next layer is read
 
 
 def describe(names, readers, ccfg: ConsolidateConfig, sel: Selection, plan: Plan, dist) -> dict:

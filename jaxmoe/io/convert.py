@@ -37,7 +37,8 @@ def read_config(hf_dir: str | os.PathLike, dtype: str | None = None):
   """Reads `hf_dir/config.json` into the jaxmoe config of its model_type's family."""
   hf_config = hf.read_config(hf_dir)
   family = registry.for_hf_model_type(hf_config.get("model_type"))
-  return family.config.from_hf(hf_config, dtype=resolve_dtype(hf_config, dtype))
+  generation = hf.read_generation_config(hf_dir)
+  return family.config.from_hf(hf_config, dtype=resolve_dtype(hf_config, dtype), generation=generation)
 
 
 def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None, progress: bool | None = None):

@@ -53,7 +53,8 @@ def load_tokenizer(folder: str | os.PathLike, cfg) -> Tokenizer | None:
   """
   path = pathlib.Path(folder) / "tokenizer.json"
   if path.is_file():
-    return HFTokenizer(path, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id)
+    eos = cfg.eos_ids[0] if cfg.eos_ids else None  # generation stops on every id of cfg.eos_ids
+    return HFTokenizer(path, cfg.bos_token_id, eos, cfg.pad_token_id)
   if cfg.vocab_size == ByteTokenizer.vocab_size:
     return ByteTokenizer()
   return None
