@@ -4,8 +4,8 @@ Two passes over the layers, so memory stays near one layer of all tenants:
   1. read layer l of every tenant, write its backbone part to the store,
      measure the distances at each (l, e) (running the tenants' layers on the
      calibration text for the output metric);
-  2. after the global selection (select.py), read layer l again and write its
-     pool.
+  2. after the global selection (select.py), build layer l's pool reading one
+     tenant's layer at a time, and write it.
 Everything goes to a temporary folder renamed into place at the end, so a
 failure leaves no store.
 """
@@ -27,6 +27,7 @@ from jaxmoe.consolidate.select import GB, Owner, Plan, Selection, check_budget, 
 from jaxmoe.consolidate.tenants import check_names, logical_experts, open_tenants
 from jaxmoe.errors import ConsolidateError
 from jaxmoe.families import registry
+from jaxmoe.io import files
 from jaxmoe.io.store import StoreWriter, expert_bytes, store_writer
 from jaxmoe.io.tokenizer import load_tokenizer
 from jaxmoe.nn.moe import Impl
@@ -159,6 +160,7 @@ def _distance_pass(readers, w: StoreWriter, ccfg: ConsolidateConfig) -> tuple[np
       dists.append(d)
       sames.append(s)
     del trees  # before the next part is read: one layer of every tenant at a time
+    files.release_memory()
   return np.stack(dists), np.stack(sames)
 
 
@@ -179,28 +181,44 @@ def _layer_distances(readers, trees: dict, i: int, xs, step, ccfg: ConsolidateCo
   return layer_distances(experts, ccfg.metric, inputs)
 
 
-def build_pool(groups, experts: list[dict]) -> dict[str, np.ndarray]:
-  """One layer's pool {name: [X, ...]} from the plan's groups and the A tenants' experts [E, ...]."""
-  pool = {}
-  for n in experts[0]:
-    like = experts[0][n]
-    pool[n] = out = np.empty((len(groups), *like.shape[1:]), like.dtype)  # filled in place: one copy
-    for s, g in enumerate(groups):
-      if g.owner is not None:
-        out[s] = experts[g.owner][n][g.expert]
-      else:  # Owner.AVERAGE: float32 mean of the members
-        total = sum(np.asarray(experts[t][n][g.expert], np.float32) for t in g.members)
-        out[s] = (total / np.float32(len(g.members))).astype(like.dtype)
+def _fill_from(pool: dict, sums: dict, groups, t: int, experts: dict) -> None:
+  """Copies tenant t's experts into the slots it owns and adds them to the averages it is in."""
+  for s, g in enumerate(groups):
+    if g.owner == t:
+      for n in pool:
+        pool[n][s] = experts[n][g.expert]
+    elif g.owner is None and t in g.members:  # Owner.AVERAGE: float32 sum, members in increasing order
+      for n in pool:
+        x = np.asarray(experts[n][g.expert], np.float32)
+        sums.setdefault(s, {})[n] = x.copy() if n not in sums.get(s, {}) else sums[s][n] + x
+
+
+def _layer_pool(readers, i: int, groups) -> dict[str, np.ndarray]:
+  """MoE layer i's pool {name: [X, ...]}, reading one tenant's layer at a time.
+
+  Holds the pool, one tenant's experts, and float32 sums of the averaged slots
+  (Owner.AVERAGE only); the mean is taken in float32 and cast once.
+  """
+  pool: dict[str, np.ndarray] = {}
+  sums: dict[int, dict[str, np.ndarray]] = {}
+  for t, r in enumerate(readers.values()):
+    experts = logical_experts(r.read_pool(i), r.slot_map[i])
+    if not pool:  # filled in place: one copy
+      pool = {n: np.empty((len(groups), *w.shape[1:]), w.dtype) for n, w in experts.items()}
+    _fill_from(pool, sums, groups, t, experts)
+    del experts  # before the next tenant's layer is read
+  for s, leaves in sums.items():
+    for n, total in leaves.items():
+      pool[n][s] = (total / np.float32(len(groups[s].members))).astype(pool[n].dtype)
   return pool
 
 
 def _pool_pass(readers, w: StoreWriter, plan: Plan) -> None:
   for i, groups in enumerate(plan.layers):
-    experts = [logical_experts(r.read_pool(i), r.slot_map[i]) for r in readers.values()]
-    pool = build_pool(groups, experts)
-    del experts  # the tenants' layer goes before the pool is written: writes may buffer a copy
+    pool = _layer_pool(readers, i, groups)
     w.write_pool_layer(i, pool)
     del pool  # before the next layer is read
+    files.release_memory()
 
 
 def describe(names, readers, ccfg: ConsolidateConfig, sel: Selection, plan: Plan, dist) -> dict:

@@ -52,18 +52,21 @@ def atomic_dir(out: str | os.PathLike):
 
 
 def _part_checkpointer() -> ocp.AsyncCheckpointer:
-  """Orbax checkpointer for Writer: numpy leaves are written without a copy.
+  """Orbax checkpointer for Writer and StoreWriter: parts are written without a copy.
 
   Orbax deep-copies host arrays so a caller may reuse them during an async
-  save; Writer waits for every save, so that copy would only double the peak
-  host memory of a conversion (tests/test_convert_memory.py).
+  save; the writers wait for every save, so that copy would only double the
+  peak host memory. Parts are written uncompressed: with zstd, tensorstore's
+  OCDBT writer holds the whole compressed part in memory until it commits (a
+  second copy of a layer, measured in tests/io/test_memory.py), and
+  weights compress by only about 10%. Readers read either.
   """
   th = ocp.type_handlers
   registry = th.create_type_handler_registry(
     (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
     (jax.Array, th.get_type_handler(jax.Array)),
   )
-  return ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+  return ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False))
 
 
 class Writer:

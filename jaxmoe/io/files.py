@@ -13,7 +13,9 @@ whose name is not of this pattern, or that is not ours (no lock file).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
+import gc
 import json
 import math
 import os
@@ -184,3 +186,32 @@ def read_json(path: pathlib.Path, error: type[Exception]) -> Any:
     raise error(f"{path}: not usable JSON ({type(e).__name__}: {str(e)[:200]})") from None
   except OSError as e:
     raise error(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def release_memory() -> None:
+  """Returns freed memory to the OS between layers, so the next layer's peak does not stack on it.
+
+  jax leaves reference cycles that hold host buffers until a full collection,
+  and glibc keeps freed heap pages (XLA's worker threads allocate from their
+  own arenas) until asked to trim; a pass over many layers otherwise carries a
+  layer's worth of garbage into the next one (tests/io/test_memory.py).
+  """
+  gc.collect()
+  trim_heap()
+
+
+def trim_heap() -> None:
+  """glibc's malloc_trim: hands the free pages of every arena back to the OS (a no-op elsewhere)."""
+  if _LIBC is not None:
+    _LIBC.malloc_trim(0)
+
+
+def _glibc():
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+    return libc if hasattr(libc, "malloc_trim") else None
+  except OSError:  # not glibc (macOS, musl): the collection alone
+    return None
+
+
+_LIBC = _glibc()
