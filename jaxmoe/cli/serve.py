@@ -3,7 +3,7 @@
   jaxmoe-serve --store=STORE --requests=in.jsonl --out=out.jsonl --mode=mixed --max_batch=8
 
 Every input line gets exactly one output line (a bad line, a duplicate id
-included, gets an error response; the others are served). Responses are
+included, gets an error response; the others are served: jaxmoe/serving/batch.py). Responses are
 written in completion order, the lines refused before serving first: match
 them by `id`, unique in a batch, or by `line`, the 1-based input line number
 every response carries. Everything is checked (requests file, store, flags)
@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pathlib
-import stat
 import sys
 
 from absl import app, flags
@@ -78,68 +76,24 @@ def format_summary(s: dict) -> str:
   )
 
 
-def write(out, response: dict, line: int) -> None:
-  try:
-    out.write(json.dumps({**response, "line": line}) + "\n")  # ASCII: lone surrogates in an id stay escaped
-    out.flush()
-  except OSError as e:
-    raise Fatal(f"cannot write --out: {e}") from None
-
-
-def submit_lines(lines: list[bytes], engine, out) -> tuple[dict[str, int], int]:
-  """Validates every line; refused ones are answered at once. Returns ({id: line} queued, refused)."""
-  from jaxmoe.serving import requests as req_lib
-
-  ids, queued, refused = req_lib.UniqueIds(), {}, 0
-  for n, line in enumerate(lines, start=1):
-    rid, model = req_lib.line_id(line, n), None
+def writer(out):
+  def write(response: dict) -> None:
     try:
-      if not line.strip():
-        raise req_lib.RequestError(f"line {n} is empty")
-      request = req_lib.parse_line(line, n)
-      rid, model = request.id, request.model
-      ids.claim(rid, n)
-      engine.check(request)
-    except Exception as e:  # any failure on one line is that line's answer, never the run's end
-      ids.record(rid, n)
-      message = (
-        str(e) if isinstance(e, req_lib.RequestError) else f"cannot serve this request ({type(e).__name__}: {e})"
-      )
-      write(out, req_lib.error_response(rid, model, message), n)
-      refused += 1
-      continue
-    engine.submit(request)
-    queued[rid] = n
-  return queued, refused
+      out.write(json.dumps(response) + "\n")  # ASCII: a lone surrogate in an id stays escaped
+      out.flush()
+    except OSError as e:
+      raise Fatal(f"cannot write --out: {e}") from None
+
+  return write
 
 
 def serve(lines: list[bytes], engine, out, progress: bool) -> dict:
   from tqdm import tqdm
 
-  bar = tqdm(total=len(lines), unit="req", file=sys.stderr, disable=not progress)
-  queued, refused = submit_lines(lines, engine, out)
-  bar.update(refused)
-  while engine.has_work:
-    for response in engine.step():
-      write(out, response, queued.get(response["id"], 0))
-      bar.update(1)
-  bar.close()
-  summary = engine.summary()
-  summary["requests"] += refused  # refused lines never reached the engine
-  summary["errors"] += refused
-  return summary
+  from jaxmoe.serving.batch import serve_lines
 
-
-def check_paths(requests: pathlib.Path, out: pathlib.Path) -> bool:
-  """Raises Fatal unless --out can be written without touching --requests; True: write --out directly."""
-  if out.is_dir():
-    raise Fatal(f"cannot write --out: {out} is a folder")
-  if out.exists() and (out.resolve() == requests.resolve() or os.path.samefile(out, requests)):
-    raise Fatal(f"--out={out} is the --requests file: refusing to replace the requests by the responses")
-  direct = out.exists() and not stat.S_ISREG(out.stat().st_mode)  # /dev/stdout, a pipe: never replaced
-  if not direct and not out.absolute().parent.is_dir():
-    raise Fatal(f"cannot write --out: folder {out.absolute().parent} does not exist")
-  return direct
+  with tqdm(total=len(lines), unit="req", file=sys.stderr, disable=not progress) as bar:
+    return serve_lines(lines, engine, writer(out), bar.update)
 
 
 @contextlib.contextmanager
@@ -181,6 +135,7 @@ def build_engine(store):
 
 def run_serve() -> dict:
   import jaxmoe
+  from jaxmoe.io import files
   from jaxmoe.serving import requests as req_lib
 
   requests, out = pathlib.Path(FLAGS.requests), pathlib.Path(FLAGS.out)
@@ -188,7 +143,10 @@ def run_serve() -> dict:
     lines = req_lib.request_lines(requests.read_bytes())
   except OSError as e:
     raise Fatal(f"cannot read --requests: {e}") from None
-  direct = check_paths(requests, out)
+  try:
+    direct = files.output_file(out, requests)
+  except ValueError as e:
+    raise Fatal(f"cannot write --out: {e}") from None
   try:
     store = jaxmoe.load_store(FLAGS.store, verify_checksums=FLAGS.verify_checksums)
   except (OSError, ValueError) as e:

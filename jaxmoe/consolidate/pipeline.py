@@ -24,7 +24,7 @@ import numpy as np
 from jaxmoe.consolidate import calibrate, report
 from jaxmoe.consolidate.distance import Metric, layer_distances, pair_score
 from jaxmoe.consolidate.select import GB, Owner, Plan, Selection, check_budget, select
-from jaxmoe.consolidate.tenants import check_names, logical_experts, open_tenants
+from jaxmoe.consolidate.tenants import check_names, logical_experts, open_tenants, read_part
 from jaxmoe.errors import ConsolidateError
 from jaxmoe.families import registry
 from jaxmoe.io import files
@@ -144,7 +144,7 @@ def _distance_pass(readers, w: StoreWriter, ccfg: ConsolidateConfig) -> tuple[np
     )
   globs = {}
   for name, r in readers.items():
-    globs[name] = r.read_part("globals")
+    globs[name] = read_part(name, r, "globals")
     w.write_backbone_part(name, "globals", globs[name])
   xs = _calibration_inputs(readers, ccfg, globs) if ccfg.metric is Metric.OUTPUT else None
   del globs
@@ -153,7 +153,7 @@ def _distance_pass(readers, w: StoreWriter, ccfg: ConsolidateConfig) -> tuple[np
   for part in first.part_names()[1:]:
     trees = {}
     for name, r in readers.items():  # one tenant's part at a time, written as soon as it is read
-      trees[name] = r.read_part(part)
+      trees[name] = read_part(name, r, part)
       w.write_backbone_part(name, part, trees[name]["backbone"])
     if part in moe_index:  # a dense block has its backbone only
       d, s = _layer_distances(readers, trees, moe_index[part], xs, step, ccfg)
@@ -201,8 +201,10 @@ def _layer_pool(readers, i: int, groups) -> dict[str, np.ndarray]:
   """
   pool: dict[str, np.ndarray] = {}
   sums: dict[int, dict[str, np.ndarray]] = {}
-  for t, r in enumerate(readers.values()):
-    experts = logical_experts(r.read_pool(i), r.slot_map[i])
+  for t, (name, r) in enumerate(readers.items()):
+    pool_part = read_part(name, r, r.layout.moe_parts(r.config)[i])["experts"]
+    experts = logical_experts(pool_part, r.slot_map[i])
+    del pool_part
     if not pool:  # filled in place: one copy
       pool = {n: np.empty((len(groups), *w.shape[1:]), w.dtype) for n, w in experts.items()}
     _fill_from(pool, sums, groups, t, experts)

@@ -42,7 +42,11 @@ def _first_config_difference(a, b) -> str | None:
 
 def _first_tensor_difference(r: checkpoint.Reader) -> str | None:
   for part in r.part_names():
-    diff = integrity.shape_difference(r.part_shapes(part), r.expected_shapes(part), f"{part}/")
+    try:
+      got = r.part_shapes(part)
+    except checkpoint.CheckpointError as e:  # a damaged _METADATA
+      return str(e)
+    diff = integrity.shape_difference(got, r.expected_shapes(part), f"{part}/")
     if diff:
       return diff
   return None
@@ -75,11 +79,16 @@ def open_tenants(
         readers[name] = stack.enter_context(checkpoint.reader(pathlib.Path(path), verify_checksums))
       except (checkpoint.CheckpointError, ValueError, OSError) as e:
         raise ConsolidateError(f"tenant {name!r}: {e}") from None
-    try:
-      check_same_architecture(readers)
-    except checkpoint.CheckpointError as e:  # a damaged _METADATA
-      raise ConsolidateError(str(e)) from None
+    check_same_architecture(readers)
     yield readers
+
+
+def read_part(name: str, r: checkpoint.Reader, part: str) -> dict:
+  """Tenant `name`'s checkpoint part; a damaged or non-finite one is a ConsolidateError naming the tenant."""
+  try:
+    return r.read_part(part)
+  except checkpoint.CheckpointError as e:
+    raise ConsolidateError(f"tenant {name!r}: {e}") from None
 
 
 def logical_experts(pool: dict, slot_map_row: np.ndarray) -> dict[str, np.ndarray]:

@@ -245,9 +245,12 @@ class Reader:
     """{"a/b": (shape, dtype name)} of a stored part, from its metadata; CheckpointError if unreadable."""
     folder = self.path / "params" / name
     try:
-      return integrity.stored_shapes(self._ckptr, folder)
+      shapes = integrity.stored_shapes(self._ckptr, folder)
     except Exception as e:  # a damaged _METADATA raises whatever orbax's parser raises
       raise CheckpointError(f"{folder}: unreadable metadata ({integrity.one_line(e)})") from None
+    if not shapes:
+      raise CheckpointError(f"{folder}: no readable orbax metadata (_METADATA missing or damaged)")
+    return shapes
 
   def read_part(self, name: str) -> dict:
     """One part's tree of host arrays (the layout's `part_shapes`)."""

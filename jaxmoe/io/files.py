@@ -22,6 +22,7 @@ import os
 import pathlib
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -144,6 +145,24 @@ def _umask() -> int:
   umask = os.umask(0)
   os.umask(umask)
   return umask
+
+
+def output_file(out: str | os.PathLike, keep: str | os.PathLike) -> bool:
+  """Checks that `out` can be written without touching `keep` (an input); True: write `out` directly.
+
+  A regular file (or a new name) is replaced atomically at the end
+  (`atomic_file`); a device or pipe (/dev/stdout, /dev/full) is written
+  directly, never replaced. Raises ValueError naming the problem.
+  """
+  out, keep = pathlib.Path(out), pathlib.Path(keep)
+  if out.is_dir():
+    raise ValueError(f"cannot write {out}: it is a folder")
+  if out.exists() and keep.exists() and (out.resolve() == keep.resolve() or os.path.samefile(out, keep)):
+    raise ValueError(f"{out} is the input {keep}: refusing to replace the input by the output")
+  direct = out.exists() and not stat.S_ISREG(out.stat().st_mode)
+  if not direct and not out.absolute().parent.is_dir():
+    raise ValueError(f"cannot write {out}: folder {out.absolute().parent} does not exist")
+  return direct
 
 
 def first_non_finite(obj: Any, path: str = "") -> str | None:
