@@ -2,11 +2,11 @@
 
   jaxmoe-serve --store=STORE --requests=in.jsonl --out=out.jsonl --mode=mixed --max_batch=8
 
-Every input line gets exactly one output line (a bad line, a duplicate id
-included, gets an error response; the others are served: jaxmoe/serving/batch.py). Responses are
-written in completion order, the lines refused before serving first: match
-them by `id`, unique in a batch, or by `line`, the 1-based input line number
-every response carries. Everything is checked (requests file, store, flags)
+Every input line gets exactly one output line (jaxmoe/serving/batch.py): a bad
+line, a duplicate id included, gets an error response; the others are served.
+Responses are written in completion order, the lines refused before serving
+first: match them by `id`, unique in a batch, or by `line`, the 1-based input
+line number every response carries. Everything is checked (requests file, store, flags)
 before anything is written, and responses go to a temporary file renamed
 onto --out at the end, so a fatal error or a signal leaves --out as it was.
 Exit code 0, or 2 when something fatal happens: an unreadable store or

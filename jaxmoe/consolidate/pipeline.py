@@ -188,9 +188,10 @@ def _fill_from(pool: dict, sums: dict, groups, t: int, experts: dict) -> None:
       for n in pool:
         pool[n][s] = experts[n][g.expert]
     elif g.owner is None and t in g.members:  # Owner.AVERAGE: float32 sum, members in increasing order
+      acc = sums.setdefault(s, {})
       for n in pool:
         x = np.asarray(experts[n][g.expert], np.float32)
-        sums.setdefault(s, {})[n] = x.copy() if n not in sums.get(s, {}) else sums[s][n] + x
+        acc[n] = x.copy() if n not in acc else acc[n] + x
 
 
 def _layer_pool(readers, i: int, groups) -> dict[str, np.ndarray]:

@@ -227,6 +227,7 @@ def test_conversion_refuses_non_finite_sources_naming_the_tensor(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the overflow is the point
 def test_conversion_refuses_a_cast_that_overflows(tmp_path):
   hf = hf_config()
   tensors = hf_tensors(hf)
