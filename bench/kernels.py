@@ -1,4 +1,5 @@
-"""One MoE layer three ways: the Pallas kernels, jax.lax.ragged_dot, a dense einsum.
+"""One MoE layer four ways: jaxmoe's Pallas kernels, jax.lax.ragged_dot, a dense einsum, and jax's
+Mosaic-GPU ragged_dot (`jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`, Hopper only: variant `mgpu`).
 
 Mixtral shapes by default (d=4096, f=14336, E=8, top-2, bf16) at
 T in {1, 8, 64, 512, 4096, 16384}; `--small` swaps in tiny shapes and runs the
@@ -39,7 +40,7 @@ if str(ROOT) not in sys.path:
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("small", False, "tiny shapes and interpret-mode kernels (CPU smoke test)")
 flags.DEFINE_list("tokens", None, "token counts T; default 1,8,64,512,4096,16384 (1,8,64 with --small)")
-flags.DEFINE_list("variants", ["pallas", "ragged", "dense"], "which implementations to time")
+flags.DEFINE_list("variants", ["pallas", "ragged", "dense"], "which implementations to time (also: mgpu)")
 flags.DEFINE_float("compile_timeout_s", 240.0, "kill and report a variant whose compile takes longer")
 flags.DEFINE_float("setup_timeout_s", 300.0, "bound on a child's start-up (imports, weights)")
 flags.DEFINE_float("min_time_s", 1.0, "time each variant for at least this long (after warm-up)")
@@ -118,6 +119,27 @@ def _dense_einsum(x, router_logits, slot_map, pool, spec):
   return jnp.einsum("TX,XTD->TD", gate_w, y).astype(x.dtype)
 
 
+def _mgpu_moe(x, router_logits, slot_map, pool, spec):
+  """The SwiGLU experts through jax's Hopper ragged_dot kernel: (token, k) pairs sorted by slot."""
+  import jax
+  import jax.numpy as jnp
+  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+  from jaxmoe.nn.moe import expert_slots, route
+
+  t, k = router_logits.shape[0], spec.k
+  weights, experts = route(router_logits, spec.top_k, spec.router)
+  flat = expert_slots(experts, slot_map).reshape(t * k)
+  order = jnp.argsort(flat, stable=True)
+  sizes = jnp.bincount(flat, length=pool["w1"].shape[0]).astype(jnp.int32)
+  rows = x[order // k]
+  blocks = dict(block_m=64, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
+  dot = lambda a, w: ragged_dot_mgpu.ragged_dot(a, w, group_sizes=sizes, **blocks)  # noqa: E731
+  h = (jax.nn.silu(dot(rows, pool["w1"]).astype(jnp.float32)) * dot(rows, pool["w3"])).astype(x.dtype)
+  ys = dot(h, pool["w2"]).astype(jnp.float32) * weights.reshape(t * k)[order][:, None]
+  return jnp.zeros((t, x.shape[1]), jnp.float32).at[order // k].add(ys).astype(x.dtype)
+
+
 def _layer(job):
   import functools
 
@@ -141,7 +163,8 @@ def _layer(job):
   gpu = jax.default_backend() == "gpu"
   impl = {"pallas": Impl.PALLAS if gpu else Impl.PALLAS_INTERPRET, "ragged": Impl.RAGGED}.get(variant)
   spec = MoeSpec(top_k=k, impl=impl or Impl.DENSE)
-  fn = functools.partial(moe, spec=spec) if impl else functools.partial(_dense_einsum, spec=spec)
+  other = _mgpu_moe if variant == "mgpu" else _dense_einsum
+  fn = functools.partial(moe, spec=spec) if impl else functools.partial(other, spec=spec)
   args = (x, logits, slot_map, pool)
   jax.block_until_ready(args)
   _emit(event="ready")
@@ -160,7 +183,7 @@ def _layer(job):
     bytes=must_read,
     flops=flops,
     experts_used=used,
-    impl=(impl or Impl.DENSE).value if impl else "dense_einsum",
+    impl=impl.value if impl else ("ragged_dot_mgpu" if variant == "mgpu" else "dense_einsum"),
     platform=jax.default_backend(),
   )
 

@@ -17,19 +17,19 @@ import numpy as np
 
 from jaxmoe import buckets
 from jaxmoe.io.tokenizer import Tokenizer
-from jaxmoe.nn import sampling
+from jaxmoe.nn import moe
 from jaxmoe.nn.moe import Impl
 from jaxmoe.nn.precision import precision
+from jaxmoe.nn.sampling import SamplingParams
+from jaxmoe.nn.tenancy import SingleTenant
 
-CACHE_BLOCK = 64  # cache lengths are rounded up to this: few compiled shapes
+PAGE_SIZE = 16  # positions per KV-cache page
 PROMPT_FLOOR = 8  # prompts are padded to a power of two >= this: prefill compiles O(log T) times
-
-
 SEED_RANGE = (0, 2**31)  # the sampler's seeds are int32: [0, 2^31)
 
 
 def pad_id(cfg) -> int:
-  """What fills a row after its EOS: the pad id, else the first EOS id, else 0."""
+  """What fills a row after its EOS: the pad id, else the first EOS, else 0."""
   if cfg.pad_token_id is not None:
     return cfg.pad_token_id
   return cfg.eos_ids[0] if cfg.eos_ids else 0
@@ -48,31 +48,9 @@ def check_sampling(max_new_tokens, temperature, top_p, seed) -> None:
     raise ValueError(f"seed={seed!r} must be an integer in [0, 2^31)")
 
 
-def decode_loop(
-  logits, cache, step, max_new_tokens: int, temperature: float, top_p: float, seed: int, eos: tuple[int, ...], pad: int
-) -> np.ndarray:
-  """Samples up to n tokens per row, calling `step(tokens [B], cache) -> (logits, cache)` between.
-
-  A row that produced any id of `eos` (empty: never stop) is padded from then
-  on; decoding stops early when every row has (HF `generate` with a list of
-  EOS ids). Returns int32 [B, n'] with n' <= n.
-  """
-  eos = np.asarray(tuple(eos), np.int64)
-  b = logits.shape[0]
-  seeds = jnp.full((b,), seed, jnp.int32)
-  temp = jnp.full((b,), temperature, jnp.float32)
-  nucleus = jnp.full((b,), top_p, jnp.float32)
-  new, done = [], np.zeros(b, bool)
-  for i in range(max_new_tokens):
-    nxt = np.asarray(sampling.sample(logits, seeds, jnp.full((b,), i, jnp.int32), temp, nucleus))
-    nxt = np.where(done, pad, nxt).astype(np.int32)
-    new.append(nxt)
-    if eos.size:
-      done |= np.isin(nxt, eos)
-    if done.all() or i == max_new_tokens - 1:
-      break
-    logits, cache = step(nxt, cache)
-  return np.stack(new, axis=1)
+def contiguous_tables(b: int, pages: int, first: int = 1) -> np.ndarray:
+  """[b, pages] int32: row i owns pages first + i * pages ... (page 0 is the scratch page)."""
+  return (first + np.arange(b * pages, dtype=np.int32)).reshape(b, pages)
 
 
 @runtime_checkable
@@ -104,11 +82,12 @@ class ModelBase:
   """One tenant's model: config, device parameters (served layout), optional tokenizer."""
 
   layout = None  # the family's layout module (subclasses set it)
+  hooks = None  # the family's engine hooks: admit and decode, shared with the serving engine
 
   def __init__(self, cfg, params, tokenizer: Tokenizer | None = None, impl: Impl = Impl.AUTO):
     self.layout.check_params(cfg, params)
     self.config = cfg
-    self.params = jax.device_put(params)
+    self.params = jax.device_put({**params, "experts": moe.pack(params["experts"])})
     self.tokenizer = tokenizer
     self.impl = impl
 
@@ -132,7 +111,7 @@ class ModelBase:
     lengths=None,
     stop_at_eos: bool = True,
   ) -> np.ndarray:
-    """Continues prompts with KV-cache decoding.
+    """Continues prompts with paged KV-cache decoding, sampling on the device.
 
     Args:
       tokens: [B, T] int prompts, right-padded when `lengths` is given; or a
@@ -152,28 +131,43 @@ class ModelBase:
     """
     tokens, lengths = self._batch(tokens, lengths)
     check_sampling(max_new_tokens, temperature, top_p, seed)
+    self._check_generate(lengths, max_new_tokens)
     b, t = tokens.shape
     padded = np.zeros((b, buckets.pow2(t, floor=PROMPT_FLOOR)), np.int32)
     padded[:, :t] = tokens
-    cfg = self.config
     with self._precision():
-      logits, cache, step = self._start(padded, lengths, max_new_tokens)
-      new = decode_loop(
-        logits,
-        cache,
-        step,
+      new = self._decode(
+        padded,
+        lengths,
         max_new_tokens,
-        temperature,
-        top_p,
-        seed,
-        cfg.eos_ids if stop_at_eos else (),
-        pad_id(cfg),
+        SamplingParams.full(b, seed, temperature, top_p),
+        self.config.eos_ids if stop_at_eos else (),
       )
     return self._assemble(tokens, lengths, new)
 
-  def _start(self, padded, lengths, max_new_tokens: int):
-    """(first logits [B, V], cache, step(tokens, cache) -> (logits, cache)) for padded prompts."""
-    raise NotImplementedError
+  def _decode(self, padded, lengths, n: int, sp: SamplingParams, eos: tuple[int, ...]) -> np.ndarray:
+    """Admits the padded prompts into fresh pages and decodes up to n tokens: int32 [B, n' <= n]."""
+    hooks, cfg, b = self.hooks, self.config, padded.shape[0]
+    self_pos, enc_pos = hooks.positions(padded.shape[1], n)
+    width = buckets.pow2(-(-self_pos // PAGE_SIZE))
+    cross_width = -(-enc_pos // PAGE_SIZE)
+    tables = contiguous_tables(b, width)
+    cross = contiguous_tables(b, cross_width, 1 + b * width) if cross_width else None
+    kv = hooks.init_kv(cfg, 1 + b * (width + cross_width), PAGE_SIZE)
+    rows = hooks.admission_rows(tables, cross, lengths, sp)
+    nxt, kv, rows = hooks.admit(self.params, jnp.asarray(padded), kv, rows, cfg, self.impl, SingleTenant())
+    pad, done, new = pad_id(cfg), np.zeros(b, bool), []
+    for i in range(n):
+      step = np.where(done, pad, np.asarray(nxt)).astype(np.int32)
+      new.append(step)
+      done |= np.isin(step, eos)
+      if done.all() or i == n - 1:
+        break
+      nxt, kv, rows = hooks.decode(self.params, jnp.asarray(step), kv, rows, cfg, self.impl, SingleTenant())
+    return np.stack(new, axis=1)
+
+  def _check_generate(self, lengths, max_new_tokens: int) -> None:
+    """Family limits on prompt and output lengths (raise ValueError)."""
 
   def _assemble(self, tokens, lengths, new) -> np.ndarray:
     raise NotImplementedError

@@ -41,6 +41,7 @@ from jaxmoe.errors import ConfigError, StoreError
 from jaxmoe.families import base, registry
 from jaxmoe.io import checkpoint, files, integrity
 from jaxmoe.io.tokenizer import load_tokenizer
+from jaxmoe.nn import moe
 from jaxmoe.nn.moe import Impl
 from jaxmoe.trees import Params
 
@@ -262,7 +263,7 @@ class Store:
   def device_pool(self) -> dict:
     """The pool on the default device, transferred once and reused by every tenant's model."""
     if self._device_pool is None:
-      self._device_pool = jax.device_put(self.pool)
+      self._device_pool = jax.device_put(moe.pack(self.pool))
     return self._device_pool
 
   @functools.cached_property

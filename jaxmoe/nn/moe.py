@@ -30,6 +30,7 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxmoe.axes import ArrayLike, Float, Int, checked
 from jaxmoe.kernels.moe import moe_swiglu
@@ -150,6 +151,34 @@ def expert_kind(pool) -> tuple[tuple[str, ...], Callable]:
   raise ValueError(f"expert pool leaves {sorted(pool)} match no expert kind; known: {list(EXPERT_KINDS)}")
 
 
+def pack(pool: dict) -> dict:
+  """A pool as the MoE boundary takes it on this backend (host or device arrays in, same kind out).
+
+  On CPUs, 16-bit float leaves travel as their uint16 bit patterns: XLA's CPU
+  backend computes bf16 products in float32 and converts a loop-invariant bf16
+  operand once, whole, before the loop, which would materialise a float32 copy
+  of the entire pool; integers are never converted, and each slot is
+  reinterpreted as its float type after it is sliced (`_slots`).
+  """
+  if jax.default_backend() != "cpu":
+    return pool
+  out = {}
+  for n, w in pool.items():
+    if jnp.issubdtype(w.dtype, jnp.floating) and jnp.dtype(w.dtype).itemsize == 2:
+      w = np.asarray(w).view(np.uint16) if isinstance(w, np.ndarray) else jax.lax.bitcast_convert_type(w, jnp.uint16)
+    out[n] = w
+  return out
+
+
+def _slots(pool: dict, names, index, dtype) -> list:
+  """Each leaf's slot(s) `index` (a slot or an array of slots), reinterpreted from packed bits if needed."""
+  out = []
+  for n in names:
+    w = pool[n][index]
+    out.append(jax.lax.bitcast_convert_type(w, dtype) if w.dtype == jnp.uint16 else w)
+  return out
+
+
 def num_slots(pool) -> int:
   return next(iter(pool.values())).shape[0]
 
@@ -182,7 +211,7 @@ def _accumulate_by_slot(x, slots, weights, pool, uniq, count, names, expert):
 
   def body(i, acc):  # acc [K, T, D]
     s = uniq[i]
-    y = expert(x, *(pool[n][s] for n in names))
+    y = expert(x, *_slots(pool, names, s, x.dtype))
     gate = jnp.where(slots == s, weights, 0.0).T  # [K, T]
     return acc + gate[:, :, None] * y[None]
 
@@ -202,7 +231,7 @@ def moe_dense(x, router_logits, slot_map, pool, spec: MoeSpec):
   y = jnp.zeros(x.shape, jnp.float32)
   for s in range(num_slots(pool)):
     gate = jnp.sum(jnp.where(slots == s, weights, 0.0), axis=-1)  # [T]
-    y = y + gate[:, None] * expert(x, *(pool[n][s] for n in names))
+    y = y + gate[:, None] * expert(x, *_slots(pool, names, s, x.dtype))
   return y.astype(x.dtype)
 
 
@@ -215,7 +244,7 @@ def moe_experts(x, router_logits, slot_map, pool, spec: MoeSpec):
   y = jnp.zeros(x.shape, jnp.float32)
   for e in range(slot_map.shape[0]):
     gate = jnp.sum(jnp.where(experts == e, weights, 0.0), axis=-1)  # [T]
-    y = y + gate[:, None] * expert(x, *(pool[n][slot_map[e]] for n in names))
+    y = y + gate[:, None] * expert(x, *_slots(pool, names, slot_map[e], x.dtype))
   return y.astype(x.dtype)
 
 
@@ -247,7 +276,7 @@ def moe_ragged(x, router_logits, slot_map, pool, spec: MoeSpec):
   def dot(a, w):  # rows sorted by slot [T*K, ...] x gathered experts [U, ...]
     return jax.lax.ragged_dot(a, w, group_sizes, preferred_element_type=jnp.float32)
 
-  ys = expert(x[token], *(pool[n][uniq] for n in names), dot=dot)
+  ys = expert(x[token], *_slots(pool, names, uniq, x.dtype), dot=dot)
   ys = ys * weights.reshape(t * k)[order][:, None]
   return jnp.zeros((t, x.shape[1]), jnp.float32).at[token].add(ys).astype(x.dtype)
 
@@ -301,7 +330,7 @@ def resolve(impl: Impl, pool=None, spec: MoeSpec | None = None) -> Impl:
 def moe(
   x: Float[ArrayLike, "T D"],
   router_logits: Float[ArrayLike, "T E"],
-  slot_map: Int[ArrayLike, E] | Int[ArrayLike, "T E"],
+  slot_map: Int[ArrayLike, "E"] | Int[ArrayLike, "T E"],
   pool: dict,
   spec: MoeSpec,
 ) -> Float[jax.Array, "T D"]:
@@ -321,4 +350,6 @@ def moe(
   """
   impl = resolve(spec.impl, pool, spec)
   pool = {n: jnp.asarray(w) for n, w in pool.items()}  # numpy pools cannot be indexed by traced slots
+  if impl in (Impl.PALLAS, Impl.PALLAS_INTERPRET) and any(w.dtype == jnp.uint16 for w in pool.values()):
+    pool = {n: jax.lax.bitcast_convert_type(w, x.dtype) if w.dtype == jnp.uint16 else w for n, w in pool.items()}
   return STRATEGIES[impl](x, router_logits, jnp.asarray(slot_map), pool, spec)

@@ -28,7 +28,7 @@ def submit_lines(lines: list[bytes], engine, write: Write) -> tuple[dict[str, in
       request = req_lib.parse_line(line, n)
       rid, model = request.id, request.model
       ids.claim(rid, n)
-      engine.check(request)
+      request, prompt = engine.check(request)
     except Exception as e:  # any failure on one line is that line's answer, never the batch's end
       ids.record(rid, n)
       message = (
@@ -37,7 +37,7 @@ def submit_lines(lines: list[bytes], engine, write: Write) -> tuple[dict[str, in
       write({**req_lib.error_response(rid, model, message), "line": n})
       refused += 1
       continue
-    engine.submit(request)
+    engine.submit(request, prompt=prompt)  # checked just above: not checked again
     queued[rid] = n
   return queued, refused
 

@@ -1,28 +1,38 @@
-"""The multi-tenant serving engine: continuous batching over a consolidated store.
+"""The multi-tenant serving engine: continuous batching over a consolidated store, a paged KV cache.
 
 A library object driven by a loop (`submit`, `step`, `run_until_done`), with
-no global state, so the batch CLI and a later HTTP server drive the same code.
+no global state, so the batch CLI and the HTTP server drive the same code.
 
 Each step admits waiting requests into free rows of a fixed [max_batch] batch
-(one batched prefill into a small cache, then copied into the batch's KV
-cache), runs one decode step for every active row, samples, and retires
-finished rows. Shapes are static: prompts are padded to power-of-two length
-buckets and admission groups to power-of-two sizes, so the number of compiled
-programs is bounded by the bucket counts, not the number of requests.
+(one batched prefill into their KV pages, which also samples each one's first
+token), runs one decode step for every active row (sampling on the device: the
+host receives token ids [B] only), and retires finished rows. Shapes are
+static: prompts are padded to power-of-two length buckets, admission groups to
+power-of-two sizes, and the pages a decode step attends over to a power of two
+that covers the longest active row, so compiled programs are bounded by bucket
+counts, and a step's attention costs what the rows' lengths need, not
+max_seq_len.
+
+KV memory is a pool of pages (`EngineConfig.kv_cache_gb`, default: enough for
+max_batch rows of max_seq_len). A request reserves the pages of every position
+it can fill when admitted and returns them when it ends; admission waits, in
+order, while too few are free (jaxmoe/serving/pages.py).
 
 Modes (`weights.py`): swap and resident batch one tenant at a time; the
 scheduler keeps serving the current tenant while others wait at most
 `max_wait_s`, then drains the batch and switches to the longest-waiting
 tenant. Mixed batches any tenants together and never switches.
 
+Failures stay with the request that caused them: a token callback or a
+detokenizer that raises ends that request with an error response; a device step
+that raises ends the requests of that step; the engine stays consistent and
+keeps serving the others.
+
 The model family is a narrow hook (its registry entry's `engine`): a
 decoder-only family prefills prompts into the KV cache (Mixtral); an
-encoder-decoder family encodes them and starts the decoder (Switch), so the
-scheduler and the modes are shared.
-
-Besides the loop, a small public surface for code that drives or measures an
-engine: `stats()`, `num_running`, `num_waiting`, `free_rows`,
-`next_step_load()` and `close()`.
+encoder-decoder family encodes them and starts the decoder (Switch). Public
+surface besides the loop: `check`, `cancel`, `stats()`, `num_running`,
+`num_waiting`, `free_rows`, `next_step_load()`, `summary()` and `close()`.
 """
 
 from __future__ import annotations
@@ -40,12 +50,16 @@ from jaxmoe import buckets
 from jaxmoe.devices import free, to_device
 from jaxmoe.errors import RequestError
 from jaxmoe.families import registry
-from jaxmoe.nn import sampling
 from jaxmoe.nn.moe import Impl
+from jaxmoe.nn.sampling import SamplingParams
 from jaxmoe.nn.tenancy import MixedTenants, SingleTenant
 from jaxmoe.serving import requests as req_lib
+from jaxmoe.serving.detok import TextStream
+from jaxmoe.serving.pages import HostRows, PageAllocator, pages_for
 from jaxmoe.serving.requests import Request
 from jaxmoe.serving.scheduler import starving
+from jaxmoe.serving.sequence import Sequence
+from jaxmoe.serving.stats import ServedStats
 from jaxmoe.serving.weights import Mode, make_weights
 from jaxmoe.trees import tree_bytes
 
@@ -56,22 +70,12 @@ TokenCallback = Callable[[str, int, str], None]  # (request id, token id, text d
 class EngineConfig:
   mode: Mode = Mode.MIXED
   max_batch: int = 8
-  max_seq_len: int = 256  # prompt + max_tokens must fit
+  max_seq_len: int = 256  # prompt + max_tokens must fit (encoder-decoder: each of them)
   max_wait_s: float = 1.0  # swap/resident: how long another tenant may wait before a switch
   impl: Impl = Impl.AUTO
-
-
-@dataclasses.dataclass
-class Sequence:
-  request: Request
-  prompt: list[int]
-  arrival: float
-  admitted: float | None = None
-  first_token: float | None = None
-  tokens: list[int] = dataclasses.field(default_factory=list)
-  text: str = ""
-  finish_reason: str | None = None
-  row: int = -1
+  page_size: int = 16  # positions per KV-cache page
+  kv_cache_gb: float | None = None  # KV pool size in 10^9 bytes; None: max_batch rows of max_seq_len
+  history: int = 10_000  # recent requests the summary's percentiles cover (memory stays bounded)
 
 
 class Engine:
@@ -86,67 +90,87 @@ class Engine:
     clock: Callable[[], float] = time.perf_counter,
   ):
     self.config, self.cfg, self.clock, self.on_token = config, store.config, clock, on_token
-    if config.max_batch < 1 or config.max_seq_len < 2:
-      raise ValueError(f"need max_batch >= 1 and max_seq_len >= 2, got {config}")
-    max_positions = self.cfg.max_positions  # None: relative positions, no limit
-    if max_positions is not None and config.max_seq_len > max_positions:
-      raise ValueError(f"max_seq_len={config.max_seq_len} exceeds the model's max_position_embeddings={max_positions}")
+    _check_config(config, self.cfg)
     self.family = registry.of(self.cfg).engine
     self.tokenizer = tokenizer if tokenizer is not None else getattr(store, "tokenizer", None)
     self.weights = make_weights(config.mode, store)
+    q = config.page_size
+    width = pages_for(config.max_seq_len, q)
+    cross_width = width if self.family.cross else 0
+    self.page_bytes = self.family.page_bytes(self.cfg, q)
+    num_pages = _num_pages(config, self.page_bytes, width + cross_width)
     # Committed like the jitted steps' outputs, so the first step does not compile a second variant.
-    self.cache = to_device(self.family.init_cache(self.cfg, config.max_batch, config.max_seq_len))
+    self.kv = to_device(self.family.init_kv(self.cfg, num_pages, q))
+    self.pages = PageAllocator(num_pages)
+    self.host_rows = HostRows(config.max_batch, width, cross_width)
+    self._rows_on_device, self._width_on_device = None, 0
     self.rows: list[Sequence | None] = [None] * config.max_batch
     self._ids_on_device: dict[tuple[int, ...], jax.Array] = {}
     self.waiting: collections.deque[Sequence] = collections.deque()
+    self._in_flight: dict[str, Sequence] = {}
     self.done: list[dict] = []
-    self.served: list[dict] = []
+    self.served = ServedStats(config.history)
     self.started = clock()
     self.decode_steps = 0
     self._compiled_at_start = compilations()
 
   # Requests in.
   def check(self, request: Request | dict, default_id: str = "request") -> tuple[Request, list[int]]:
-    """Validates a request against this engine (fields, tenant, prompt, lengths) without queueing it.
-
-    Returns (the Request, its prompt token ids); raises RequestError with the message an error
-    response carries.
-    """
-    if isinstance(request, dict):
+    """Validates a request against this engine (fields, tenant, prompt, lengths, KV pages) without
+    queueing it. Returns (the Request, its prompt token ids); raises RequestError with the message an
+    error response carries."""
+    if isinstance(request, Request):  # the same checks as a dict: fields may have been set by hand
+      request = req_lib.parse_request(_as_dict(request), request.id)
+    elif isinstance(request, dict):
       request = req_lib.parse_request(request, default_id)
-    elif not isinstance(request, Request):
+    else:
       raise RequestError(f"a request must be a dict or a Request, got {type(request).__name__}")
-    return request, self._prompt_ids(request)
+    if request.id in self._in_flight:
+      raise RequestError(f"request id {request.id!r} is already in the engine; ids must be unique")
+    prompt = self._prompt_ids(request)
+    need = sum(self._pages_needed(len(prompt), request.max_tokens))
+    if need > self.pages.num_pages - 1:
+      raise RequestError(
+        f"the request needs {need} KV-cache pages of {self.config.page_size} positions; the "
+        f"cache has {self.pages.num_pages - 1} (raise kv_cache_gb)"
+      )
+    return request, prompt
 
-  def submit(self, request: Request | dict, default_id: str = "request") -> str:
-    """Queues a request; an invalid one is answered with an error response at the next step."""
-    try:
-      request, prompt = self.check(request, default_id)
-    except RequestError as e:
-      rid = request.id if isinstance(request, Request) else default_id
-      model = request.model if isinstance(request, Request) else None
-      if isinstance(request, dict):
-        rid, model = str(request.get("id", default_id)), request.get("model")
-      self.reject(rid, str(e), model if isinstance(model, str) else None)
-      return rid
-    self.waiting.append(Sequence(request, prompt, self.clock()))
-    return request.id
+  def submit(self, request: Request | dict, default_id: str = "request", prompt: list[int] | None = None) -> str:
+    """Queues a request; an invalid one is answered with an error response at the next step.
 
-  def cancel(self, request_id: str) -> bool:
-    """Drops a waiting or running request (a client that went away): its row is free for the next
-    step and no response is produced. False if no such request is in the engine."""
-    for s in self.waiting:
-      if s.request.id == request_id:
-        self.waiting.remove(s)
-        return True
-    for i, s in enumerate(self.rows):
-      if s is not None and s.request.id == request_id:
-        self.rows[i] = None
-        return True
-    return False
+    `prompt`, the token ids `check` returned for this very Request, skips checking it again.
+    """
+    if prompt is not None and isinstance(request, Request):
+      checked = request
+    else:
+      try:
+        checked, prompt = self.check(request, default_id)
+      except RequestError as e:
+        rid, model = _id_and_model(request, default_id)
+        self.reject(rid, str(e), model)
+        return rid
+    seq = Sequence(checked, prompt, self.clock())
+    if self.tokenizer is not None:
+      seq.stream = TextStream(self.tokenizer, checked.stop)
+    self.waiting.append(seq)
+    self._in_flight[checked.id] = seq
+    return checked.id
 
   def reject(self, rid: str, message: str, model: str | None = None) -> None:
     self.done.append(req_lib.error_response(rid, model, message))
+
+  def cancel(self, request_id: str) -> bool:
+    """Drops a waiting or running request (a client that went away): its row and pages are free for the
+    next step and no response is produced. False if no such request is in the engine."""
+    seq = self._in_flight.pop(request_id, None)
+    if seq is None:
+      return False
+    if seq.row >= 0:
+      self._free_row(seq)
+    else:
+      self.waiting.remove(seq)
+    return True
 
   def _prompt_ids(self, r: Request) -> list[int]:
     if r.model not in self.weights.index:
@@ -165,6 +189,19 @@ class Engine:
     self.family.check_lengths(len(ids), r.max_tokens, self.config.max_seq_len)
     return ids
 
+  def room(self, prompt_len: int) -> int:
+    """The largest max_tokens a request with a prompt of `prompt_len` tokens may ask for (0: none)."""
+    self_pos, enc_pos = self.family.positions(prompt_len, 0)
+    if enc_pos:  # encoder-decoder: the prompt and the decoder positions are bounded apart
+      return 0 if prompt_len > self.config.max_seq_len else self.config.max_seq_len - self_pos
+    return max(0, self.config.max_seq_len - self_pos)
+
+  def _pages_needed(self, prompt_len: int, max_tokens: int) -> tuple[int, int]:
+    """(self-attention pages, encoder pages) of a request. Prefill's padding past them lands in the
+    scratch page or in the request's own pages beyond its length, which nothing reads before overwriting."""
+    self_pos, enc_pos = self.family.positions(prompt_len, max_tokens)
+    return pages_for(self_pos, self.config.page_size), pages_for(enc_pos, self.config.page_size)
+
   # The loop.
   @property
   def has_work(self) -> bool:
@@ -172,14 +209,14 @@ class Engine:
 
   def step(self) -> list[dict]:
     """Admits, prefills, decodes one token for every active row; returns finished responses."""
-    free = [i for i, s in enumerate(self.rows) if s is None]
-    admitted = self._admissions(len(free))
+    admitted = self._admissions()
     if admitted:
-      self._prefill(admitted, free[: len(admitted)])
+      self._prefill(admitted)
     if any(self.rows):
       self._decode()
     out, self.done = self.done, []
-    self.served.extend(out)
+    for r in out:
+      self.served.add(r)
     return out
 
   def run_until_done(self) -> list[dict]:
@@ -189,32 +226,43 @@ class Engine:
     return out
 
   # Scheduling.
-  def _admissions(self, free: int) -> list[Sequence]:
-    if not self.waiting or free == 0:
-      return []
-    if self.config.mode is Mode.MIXED:
-      return [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
-    running = [s.request.model for s in self.rows if s is not None]
-    current = running[0] if running else self.weights.active
-    starving = self._starving(current)
-    if running:
-      if starving is not None:
-        self.weights.prefetch(starving)  # admit nothing: drain this batch, then switch
-        return []
-      tenant = current
-    elif starving is not None:
-      tenant = starving
-    elif any(s.request.model == current for s in self.waiting):
-      tenant = current
-    else:
-      tenant = self.waiting[0].request.model
-    chosen = [s for s in self.waiting if s.request.model == tenant][:free]
+  def _admissions(self) -> list[Sequence]:
+    """The waiting sequences to admit now, in order, with rows and pages reserved for each."""
+    free_rows = [i for i, s in enumerate(self.rows) if s is None]
+    chosen = []
+    for s in self._candidates(len(free_rows)):
+      need, cross = self._pages_needed(len(s.prompt), s.request.max_tokens)
+      if need + cross > self.pages.free:
+        break  # wait, in order, until running sequences return pages
+      s.pages, s.cross_pages = self.pages.take(need), self.pages.take(cross)
+      s.row = free_rows[len(chosen)]
+      chosen.append(s)
     for s in chosen:
       self.waiting.remove(s)
     return chosen
 
-  def _starving(self, current: str | None) -> str | None:
-    return starving(((s.request.model, s.arrival) for s in self.waiting), current, self.clock(), self.config.max_wait_s)
+  def _candidates(self, free: int) -> list[Sequence]:
+    if not self.waiting or free == 0:
+      return []
+    if self.config.mode is Mode.MIXED:
+      return list(self.waiting)[:free]
+    running = [s.request.model for s in self.rows if s is not None]
+    current = running[0] if running else self.weights.active
+    starving_tenant = starving(
+      ((s.request.model, s.arrival) for s in self.waiting), current, self.clock(), self.config.max_wait_s
+    )
+    if running:
+      if starving_tenant is not None:
+        self.weights.prefetch(starving_tenant)  # admit nothing: drain this batch, then switch
+        return []
+      tenant = current
+    elif starving_tenant is not None:
+      tenant = starving_tenant
+    elif any(s.request.model == current for s in self.waiting):
+      tenant = current
+    else:
+      tenant = self.waiting[0].request.model
+    return [s for s in self.waiting if s.request.model == tenant][:free]
 
   def _params_and_ops(self, seqs):
     if self.config.mode is Mode.MIXED:
@@ -228,93 +276,120 @@ class Engine:
     return self.weights.params(tenant), SingleTenant()
 
   # Device work.
-  def _prefill(self, seqs: list[Sequence], rows: list[int]) -> None:
-    cfg, cap = self.config, self.config.max_batch
-    nb = buckets.pow2(len(seqs), cap)
+  def _prefill(self, seqs: list[Sequence]) -> None:
+    cfg, family = self.config, self.family
+    nb = buckets.pow2(len(seqs), cfg.max_batch)
     tb = buckets.pow2(max(len(s.prompt) for s in seqs), cfg.max_seq_len, floor=8)
     tokens = np.zeros((nb, tb), np.int32)
     lengths = np.ones(nb, np.int32)
-    targets = np.full(nb, cap, np.int32)  # padding rows land out of range and are dropped
-    now = self.clock()
-    for i, (s, row) in enumerate(zip(seqs, rows)):
+    rows = self.host_rows
+    tables = np.zeros((nb, rows.tables.shape[1]), np.int32)  # padding rows write to the scratch page
+    cross = np.zeros((nb, rows.cross_tables.shape[1]), np.int32) if rows.cross_tables is not None else None
+    sp = SamplingParams.full(nb)
+    for i, s in enumerate(seqs):
       tokens[i, : len(s.prompt)] = s.prompt
-      lengths[i], targets[i] = len(s.prompt), row
-      s.admitted, s.row = now, row
-      self.rows[row] = s
+      lengths[i] = len(s.prompt)
+      tables[i, : len(s.pages)] = s.pages
+      if cross is not None:
+        cross[i, : len(s.cross_pages)] = s.cross_pages
+      r = s.request
+      sp.seeds[i], sp.temperature[i], sp.top_p[i] = r.seed, r.temperature, r.top_p
     params, ops = self._params_and_ops(list(seqs) + [None] * (nb - len(seqs)))
-    logits, self.cache = self.family.admit(
-      params, jnp.asarray(tokens), jnp.asarray(lengths), self.cache, jnp.asarray(targets), self.cfg, cfg.impl, ops
-    )
-    self._emit(seqs, logits)
+    admission = to_device(family.admission_rows(tables, cross, lengths, sp))
+    try:
+      first, self.kv, _ = family.admit(params, jnp.asarray(tokens), self.kv, admission, self.cfg, cfg.impl, ops)
+      first = np.asarray(first)
+    except Exception as e:  # noqa: BLE001  a failed program fails its own requests, nothing else
+      self._device_failure(seqs, e)
+      return
+    now = self.clock()
+    for i, s in enumerate(seqs):
+      s.admitted = now
+      self.rows[s.row] = s
+      r = s.request
+      rows.set(
+        s.row,
+        s.pages,
+        s.cross_pages,
+        family.admitted_length(len(s.prompt)),
+        len(s.prompt),
+        r.seed,
+        1,
+        r.temperature,
+        r.top_p,
+      )
+      self._append(s, int(first[i]), now)
 
   def _decode(self) -> None:
+    running = [s for s in self.rows if s is not None]
     tokens = np.zeros(self.config.max_batch, np.int32)
-    for s in self.rows:
-      if s is not None:
-        tokens[s.row] = s.tokens[-1]
+    for s in running:
+      tokens[s.row] = s.tokens[-1]
+    width = self.host_rows.width_for(self.config.page_size)
+    if self.host_rows.dirty or width != self._width_on_device:
+      self._rows_on_device, self._width_on_device = self.host_rows.upload(width), width
     params, ops = self._params_and_ops(self.rows)
-    logits, self.cache = self.family.decode_step(
-      params, jnp.asarray(tokens), self.cache, self.cfg, self.config.impl, ops
-    )
+    try:
+      nxt, self.kv, self._rows_on_device = self.family.decode(
+        params, jnp.asarray(tokens), self.kv, self._rows_on_device, self.cfg, self.config.impl, ops
+      )
+      nxt = np.asarray(nxt)
+    except Exception as e:  # noqa: BLE001  the step's rows cannot be told apart: all of them fail
+      self._device_failure(running, e)
+      return
+    self.host_rows.advance()
     self.decode_steps += 1
-    self._emit([s for s in self.rows if s is not None], logits, by_row=True)
-
-  def _emit(self, seqs: list[Sequence], logits, by_row: bool = False) -> None:
-    """Samples the next token of each sequence (logits row = s.row if by_row else position)."""
-    n = logits.shape[0]
-    seeds, steps = np.zeros(n, np.int32), np.zeros(n, np.int32)
-    temp, top_p = np.zeros(n, np.float32), np.ones(n, np.float32)
-    for i, s in enumerate(seqs):
-      j = s.row if by_row else i
-      r = s.request
-      seeds[j], steps[j], temp[j], top_p[j] = r.seed, len(s.tokens), r.temperature, r.top_p
-    picked = np.asarray(
-      sampling.sample(logits, jnp.asarray(seeds), jnp.asarray(steps), jnp.asarray(temp), jnp.asarray(top_p))
-    )
     now = self.clock()
-    for i, s in enumerate(seqs):
-      self._append(s, int(picked[s.row if by_row else i]), now)
+    for s in running:
+      self._append(s, int(nxt[s.row]), now)
 
   def _append(self, s: Sequence, token: int, now: float) -> None:
     if s.first_token is None:
       s.first_token = now
     s.tokens.append(token)
-    eos = token == self.cfg.eos_token_id
-    delta = ""
-    if self.tokenizer is not None and not eos:
-      text = self.tokenizer.decode(s.tokens)
-      delta, s.text = text[len(s.text) :] if text.startswith(s.text) else text, text
-      cut = min((s.text.find(stop) for stop in s.request.stop if stop in s.text), default=-1)
-      if cut >= 0:
-        s.text, s.finish_reason = s.text[:cut], "stop"
-    if self.on_token is not None:
-      self.on_token(s.request.id, token, delta)
-    if eos:
-      s.finish_reason = "stop"
-    elif s.finish_reason is None and len(s.tokens) >= s.request.max_tokens:
-      s.finish_reason = "length"
+    try:
+      eos = token in self.cfg.eos_ids
+      delta = s.stream.push(token) if s.stream is not None and not eos else ""
+      if eos or (s.stream is not None and s.stream.stopped):
+        s.finish_reason = "stop"
+      elif len(s.tokens) >= s.request.max_tokens:
+        s.finish_reason = "length"
+      if s.finish_reason is not None and s.stream is not None:
+        delta += s.stream.finish()
+      if self.on_token is not None:
+        self.on_token(s.request.id, token, delta)
+    except Exception as e:  # noqa: BLE001  a callback or tokenizer failure ends this request only
+      self._fail(s, f"request failed while emitting token {token}: {type(e).__name__}: {e}")
+      return
     if s.finish_reason is not None:
-      self.rows[s.row] = None
-      self.done.append(self._response(s, now))
+      self._finish(s, s.response(now))
 
-  def _response(self, s: Sequence, now: float) -> dict:
-    n = len(s.tokens)
-    return {
-      "id": s.request.id,
-      "object": "text_completion",
-      "model": s.request.model,
-      "text": s.text,
-      "token_ids": s.tokens,
-      "finish_reason": s.finish_reason,
-      "usage": {"prompt_tokens": len(s.prompt), "completion_tokens": n, "total_tokens": len(s.prompt) + n},
-      "timings": {
-        "queue_s": s.admitted - s.arrival,
-        "ttft_s": s.first_token - s.arrival,
-        "tpot_s": (now - s.first_token) / (n - 1) if n > 1 else 0.0,
-        "turnaround_s": now - s.arrival,
-      },
-      "error": None,
-    }
+  def _finish(self, s: Sequence, response: dict) -> None:
+    self._free_row(s)
+    self._in_flight.pop(s.request.id, None)
+    self.done.append(response)
+
+  def _free_row(self, s: Sequence) -> None:
+    if s.row >= 0 and self.rows[s.row] is s:
+      self.rows[s.row] = None
+      self.host_rows.clear(s.row)
+    self.pages.give_back(s.pages + s.cross_pages)
+    s.pages, s.cross_pages, s.row = [], [], -1
+
+  def _fail(self, s: Sequence, message: str) -> None:
+    self._finish(s, req_lib.error_response(s.request.id, s.request.model, message))
+
+  def _device_failure(self, seqs: list[Sequence], error: Exception) -> None:
+    """A jitted step raised: its sequences get an error; a cache it consumed is rebuilt, ending the rest."""
+    message = f"the device step failed: {type(error).__name__}: {error}"
+    for s in seqs:
+      self._fail(s, message)
+    if any(leaf.is_deleted() for leaf in jax.tree.leaves(self.kv)):
+      for s in [s for s in self.rows if s is not None]:
+        self._fail(s, message)
+      q = self.config.page_size
+      self.kv = to_device(self.family.init_kv(self.cfg, self.pages.num_pages, q))
+    self.host_rows.dirty = True
 
   # Public state, for code that drives or measures the engine.
   @property
@@ -336,57 +411,96 @@ class Engine:
     return sum(len(s.prompt) for s in admit), self.num_running + len(admit)
 
   def stats(self) -> dict:
-    """Counters of the engine so far: tenant switches, device bytes, sequences."""
+    """Counters of the engine so far: tenant switches, device bytes, sequences, KV pages."""
     st = self.weights.stats
     return {
       "switches": st.switches,
       "switch_bytes": st.bytes,
       "switch_s": st.seconds,
       "device_weight_bytes": self.weights.device_bytes(),
-      "kv_bytes": tree_bytes(self.cache),
+      "kv_bytes": tree_bytes(self.kv),
+      "kv_pages": self.pages.num_pages - 1,
+      "kv_pages_free": self.pages.free,
       "running": self.num_running,
       "waiting": self.num_waiting,
+      "resident": {t: int(self.weights.resident(t)) for t in self.weights.tenants},
       "decode_steps": self.decode_steps,
+      "requests": self.served.requests,
+      "errors": self.served.errors,
+      "completion_tokens": self.served.completion_tokens,
     }
 
   def close(self) -> None:
     """Frees the engine's device buffers (cache and weights); the engine cannot step afterwards."""
-    free(self.cache)
+    free(self.kv)
     self.weights.close()
 
-  # Reporting.
   def summary(self) -> dict:
-    ok = [r for r in self.served if r["error"] is None]
+    """The engine's counters and latency percentiles (over the most recent `history` requests)."""
     wall = self.clock() - self.started
-    tokens = sum(r["usage"]["completion_tokens"] for r in ok)
-
-    def pct(key, q):
-      vals = [r["timings"][key] for r in ok]
-      return float(np.percentile(vals, q)) if vals else None
-
-    stats = self.weights.stats
+    s, st = self.served, self.weights.stats
     return {
       "mode": self.config.mode.value,
-      "requests": len(self.served),
-      "completed": len(ok),
-      "errors": len(self.served) - len(ok),
-      "completion_tokens": tokens,
+      "requests": s.requests,
+      "completed": s.completed,
+      "errors": s.errors,
+      "completion_tokens": s.completion_tokens,
       "wall_s": wall,
-      "tokens_per_s": tokens / wall if wall > 0 else 0.0,
-      "ttft_p50_s": pct("ttft_s", 50),
-      "ttft_p99_s": pct("ttft_s", 99),
-      "turnaround_p50_s": pct("turnaround_s", 50),
-      "turnaround_p99_s": pct("turnaround_s", 99),
-      "switches": stats.switches,
-      "switch_bytes": stats.bytes,
-      "switch_s": stats.seconds,
+      "tokens_per_s": s.completion_tokens / wall if wall > 0 else 0.0,
+      "ttft_p50_s": s.percentile("ttft_s", 50),
+      "ttft_p99_s": s.percentile("ttft_s", 99),
+      "turnaround_p50_s": s.percentile("turnaround_s", 50),
+      "turnaround_p99_s": s.percentile("turnaround_s", 99),
+      "switches": st.switches,
+      "switch_bytes": st.bytes,
+      "switch_s": st.seconds,
       "decode_steps": self.decode_steps,
       "compilations": compilations() - self._compiled_at_start,
       "device_weight_bytes": self.weights.device_bytes(),
+      "kv_bytes": tree_bytes(self.kv),
     }
+
+
+def _check_config(config: EngineConfig, cfg) -> None:
+  if config.max_batch < 1 or config.max_seq_len < 2:
+    raise ValueError(f"need max_batch >= 1 and max_seq_len >= 2, got {config}")
+  if config.page_size < 1 or config.page_size & (config.page_size - 1):
+    raise ValueError(f"page_size={config.page_size} must be a power of two")
+  if config.kv_cache_gb is not None and not config.kv_cache_gb > 0:
+    raise ValueError(f"kv_cache_gb={config.kv_cache_gb} must be > 0")
+  if cfg.max_positions is not None and config.max_seq_len > cfg.max_positions:
+    raise ValueError(
+      f"max_seq_len={config.max_seq_len} exceeds the model's max_position_embeddings={cfg.max_positions}"
+    )
+
+
+def _num_pages(config: EngineConfig, page_bytes: int, pages_per_row: int) -> int:
+  """Pages in the pool, the scratch page included."""
+  if config.kv_cache_gb is None:
+    return 1 + config.max_batch * pages_per_row
+  pages = int(config.kv_cache_gb * 1e9 // page_bytes)
+  if pages < 2:
+    raise ValueError(f"kv_cache_gb={config.kv_cache_gb} holds {pages} pages of {page_bytes} bytes; at least 2")
+  return pages
+
+
+def _as_dict(r: Request) -> dict:
+  out = {k: v for k, v in dataclasses.asdict(r).items() if v is not None}
+  for key in ("prompt_ids", "stop"):
+    if isinstance(out.get(key), tuple):
+      out[key] = list(out[key])
+  return out
+
+
+def _id_and_model(request, default_id: str) -> tuple[str, str | None]:
+  if isinstance(request, Request):
+    return request.id, request.model
+  if isinstance(request, dict):
+    rid, model = request.get("id", default_id), request.get("model")
+    return str(rid) if isinstance(rid, (str, int)) else default_id, model if isinstance(model, str) else None
+  return default_id, None
 
 
 def compilations() -> int:
   """Programs compiled so far by the serving path's jitted functions (this process)."""
-  fns = [f for family in registry.FAMILIES for f in family.engine.jitted] + [sampling.sample]
-  return sum(f._cache_size() for f in fns)
+  return sum(f._cache_size() for family in registry.FAMILIES for f in family.engine.jitted)

@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxmoe.devices import free, pinned_host_sharding, to_device
 from jaxmoe.families import base, registry
+from jaxmoe.nn import moe
 from jaxmoe.trees import tree_bytes
 
 
@@ -48,7 +49,7 @@ class TenantWeights:
   def __init__(self, store):
     self.tenants = list(store.tenants)
     self.index = {name: i for i, name in enumerate(self.tenants)}
-    self.pool = to_device(store.pool)
+    self.pool = to_device(moe.pack(store.pool))
     self.slot_maps = {t: to_device(np.asarray(store.slot_maps[t], np.int32)) for t in self.tenants}
     self.stats = SwitchStats()
     self.active: str | None = None
@@ -59,6 +60,10 @@ class TenantWeights:
 
   def prefetch(self, tenant: str) -> None:
     """Starts bringing `tenant` in ahead of a switch (only swap moves bytes)."""
+
+  def resident(self, tenant: str) -> bool:
+    """Whether `tenant`'s backbone is on the device now."""
+    return True
 
   def device_bytes(self) -> int:
     raise NotImplementedError
@@ -123,6 +128,9 @@ class SwapWeights(TenantWeights):
 
   def device_bytes(self) -> int:
     return tree_bytes(self.pool) + (tree_bytes(self.device_backbone) if self.device_backbone is not None else 0)
+
+  def resident(self, tenant: str) -> bool:
+    return tenant == self.active
 
 
 class MixedWeights(TenantWeights):

@@ -16,7 +16,7 @@ from jaxmoe.families.switch import SwitchModel
 from jaxmoe.families.switch import config as switch_config
 from jaxmoe.families.switch import layout as switch_layout
 from jaxmoe.families.switch.config import SwitchConfig
-from jaxmoe.generation import check_sampling, decode_loop
+from jaxmoe.generation import check_sampling
 from jaxmoe.io import checkpoint
 from jaxmoe.io.convert import convert
 from tests.io.test_convert import hf_config, hf_tensors, write_hf
@@ -82,22 +82,6 @@ def test_every_eos_id_is_kept(config_eos, generation, want):
 def test_a_legacy_int_eos_stays_an_int():
   cfg = MixtralConfig.from_json(config.preset("tiny").to_json())
   assert cfg.eos_token_id == 257 and isinstance(cfg.eos_token_id, int) and cfg.eos_ids == (257,)
-
-
-def test_decode_loop_stops_each_row_on_any_eos_id():
-  # Row r's planned tokens; every step "predicts" the next one with a one-hot logit.
-  plan = np.array([[3, 4, 6, 5, 5], [3, 9, 9, 2, 9], [1, 1, 1, 1, 1]])
-  steps = iter(range(1, plan.shape[1]))
-
-  def step(tokens, cache):
-    i = next(steps)
-    return np.eye(10, dtype=np.float32)[plan[:, i]], cache
-
-  first = np.eye(10, dtype=np.float32)[plan[:, 0]]
-  out = decode_loop(first, None, step, 5, 0.0, 1.0, 0, (2, 6), pad=0)
-  assert out.tolist() == [[3, 4, 6, 0, 0], [3, 9, 9, 2, 0], [1, 1, 1, 1, 1]]
-  steps = iter(range(1, plan.shape[1]))
-  assert decode_loop(first, None, step, 5, 0.0, 1.0, 0, (), pad=0).tolist() == plan.tolist()  # no EOS: never stops
 
 
 def test_generate_stops_on_any_eos_id():

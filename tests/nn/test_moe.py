@@ -111,3 +111,19 @@ def test_shapes_are_checked():
   x, logits, slot_map, pool = random_case(np.random.default_rng(4), 3)
   with pytest.raises(Exception, match="router_logits|T E"):
     moe_lib.moe(x, logits[:, :3][:2], slot_map, pool, moe_lib.MoeSpec(top_k=2))
+
+
+# routed (the CPU default) holds one slot at a time; ragged gathers the routed slots of a layer.
+@pytest.mark.parametrize(("impl", "bound"), [(moe_lib.Impl.ROUTED, 0.6), (moe_lib.Impl.RAGGED, 1.0)])
+def test_a_bf16_pool_is_never_copied_to_float32(impl, bound):
+  """The compiled forward of a bf16 model needs less temporary memory than its pool (CPUs upcast bf16
+  products: a float32 copy of the pool would be twice its size)."""
+  from jaxmoe.families.mixtral import config, layout, model
+
+  cfg = config.preset("tiny").replace(hidden_size=128, intermediate_size=1024, dtype="bfloat16")
+  params = layout.init_params(cfg)
+  params = jax.device_put({**params, "experts": moe_lib.pack(params["experts"])})
+  pool_bytes = sum(x.nbytes for x in jax.tree.leaves(params["experts"]))
+  compiled = model.forward.lower(params, jax.numpy.zeros((2, 32), "int32"), cfg, impl).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < bound * pool_bytes, f"temporaries {temp / 1e6:.1f} MB for a pool of {pool_bytes / 1e6:.1f} MB"

@@ -38,7 +38,8 @@ def interleaved(store, n, seed=0, max_prompt=8, max_tokens=10):
 
 
 def serve(store, reqs, **kw):
-  engine = Engine(store, EngineConfig(max_seq_len=MAX_SEQ, **kw))
+  """Serves `reqs` to the end; pages of 4 positions, so rows cross page boundaries all the time."""
+  engine = Engine(store, EngineConfig(max_seq_len=MAX_SEQ, page_size=4, **kw))
   for r in reqs:
     engine.submit(r)
   out = engine.run_until_done()
@@ -108,12 +109,11 @@ def test_stop_strings_truncate_text(store, tenant_models):
   prompt = [72, 101, 108]
   full = tenant_models[t].generate(np.array([prompt]), 12, stop_at_eos=False)[0, 3:]
   text = tenant_models[t].tokenizer.decode(full) if tenant_models[t].tokenizer else store.tokenizer.decode(full)
-  stop = text[3:5] if len(text) >= 5 else None
-  if not stop:
-    pytest.skip("generated text too short to pick a stop string")
+  assert len(text) >= 5, text  # the tiny byte model renders its 12 tokens as at least 5 characters
+  stop = text[3:5]
   out, _ = serve(store, [{"id": "x", "model": t, "prompt_ids": prompt, "max_tokens": 12, "stop": stop}])
   assert out["x"]["finish_reason"] == "stop" and stop not in out["x"]["text"]
-  assert text.startswith(out["x"]["text"])
+  assert text.startswith(out["x"]["text"]) and len(out["x"]["text"]) == text.find(stop)
 
 
 def test_bad_requests_get_errors_and_the_rest_are_served(store):
@@ -148,9 +148,9 @@ def test_compilations_are_bounded_over_200_requests(store):
   reqs = interleaved(store, 200, seed=7, max_prompt=20, max_tokens=6)
   out, engine = serve(store, reqs, mode=Mode.MIXED, max_batch=4)
   assert all(o["error"] is None for o in out.values())
-  # prompt buckets {8, 16, 32} x admission sizes {1, 2, 4} for prefill and insert, plus decode and
-  # sampling shapes: a bound that does not grow with the number of requests.
-  assert compilations() - before <= 3 * 3 * 2 + 4
+  # prompt buckets {8, 16, 32} x admission sizes {1, 2, 4} for admission, plus decode over page-table
+  # widths {1, 2, 4, 8}: a bound that does not grow with the number of requests.
+  assert compilations() - before <= 3 * 3 + 4
 
 
 def test_rare_tenants_wait_is_bounded_under_skew(store):

@@ -2,13 +2,13 @@
 
 Weights are random, made on the device leaf by leaf inside jit
 (`jax.random`), never through host numpy: Mixtral-8x7B is ~93 GB in bf16.
-The KV cache is filled with random keys and values for `context` positions
-per row, also on the device. There is no prefill: the figure is decode only
-(as HF's per-step figures are), and no large prefill program
-has to compile.
+The paged KV pool is filled with random keys and values, each row having
+filled `context` positions of its pages, also on the device. There is no
+prefill: the figure is decode only (as HF's per-step figures are), and no large
+prefill program has to compile.
 
-Per batch size: compile one greedy decode step (`mixtral.decode_step`, then
-argmax on the device), in a thread with a progress line every 15 s; past
+Per batch size: compile one greedy decode step (the serving engine's jitted
+step, sampling on the device), in a thread with a progress line every 15 s; past
 `compile_timeout_s` the results so far are written and the process exits with
 status 3 (XLA cannot be interrupted). Then warm-up steps, then `steps` timed
 steps, each feeding its tokens to the next, blocked once at the end:
@@ -28,10 +28,16 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxmoe.devices import free
 from jaxmoe.families.mixtral import model as mixtral
+from jaxmoe.families.mixtral.engine import decode
 from jaxmoe.families.mixtral.layout import identity_slot_map, param_shapes
+from jaxmoe.generation import contiguous_tables
+from jaxmoe.nn import paged
+from jaxmoe.nn.sampling import SamplingParams
+from jaxmoe.nn.tenancy import SingleTenant
 from jaxmoe.trees import tree_bytes
 
 
@@ -60,21 +66,28 @@ def random_params(cfg, seed: int = 0, scale: float = 0.02) -> dict:
   return jax.block_until_ready(params)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "batch", "max_len"))
-def random_cache(key, cfg, batch: int, max_len: int, context: int) -> mixtral.KVCache:
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  dtype = jnp.dtype(cfg.dtype)
+PAGE_SIZE = 16
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "pages_per_layer"))
+def random_cache(key, cfg, pages_per_layer: int) -> paged.PagedKV:
+  """A paged KV pool filled with random keys and values (made on the device)."""
+  kv = mixtral.init_kv(cfg, pages_per_layer, PAGE_SIZE)
   k1, k2 = jax.random.split(key)
-  return mixtral.KVCache(
-    jax.random.normal(k1, shape, dtype), jax.random.normal(k2, shape, dtype), jnp.full((batch,), context, jnp.int32)
-  )
+  return kv.replace(k=jax.random.normal(k1, kv.k.shape, kv.k.dtype), v=jax.random.normal(k2, kv.v.shape, kv.v.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
-def greedy_step(params, tokens, cache, cfg, impl):
-  """One decode step for every row, then argmax: (next tokens [B], cache)."""
-  logits, cache = mixtral.decode_step(params, tokens, cache, cfg, impl)
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
+def greedy_rows(batch: int, max_len: int, context: int) -> paged.Rows:
+  """Rows that have each filled `context` positions of their own pages, decoding greedily."""
+  width = -(-max_len // PAGE_SIZE)
+  tables = contiguous_tables(batch, width)
+  lengths = np.full(batch, context, np.int32)
+  return paged.Rows(tables, lengths, np.ones(batch, bool), SamplingParams.full(batch))
+
+
+def greedy_step(params, tokens, kv, rows, cfg, impl):
+  """One decode step for every row, sampling on the device: (next tokens [B], kv, rows)."""
+  return decode(params, tokens, kv, rows, cfg, impl, SingleTenant())
 
 
 def with_watchdog(fn: Callable, timeout_s: float, label: str, log: Callable[[str], None]):
@@ -105,17 +118,21 @@ def with_watchdog(fn: Callable, timeout_s: float, label: str, log: Callable[[str
 def bench_batch(params, profile, batch: int, log) -> dict:
   cfg = profile.model
   max_len = profile.context + profile.warmup_steps + profile.steps + 2
-  cache = random_cache(jax.random.key(profile.seed + batch), cfg, batch, max_len, profile.context)
+  rows = jax.device_put(greedy_rows(batch, max_len, profile.context))
+  cache = random_cache(jax.random.key(profile.seed + batch), cfg, 1 + rows.tables.size)
   tokens = jnp.zeros((batch,), jnp.int32)
-  (tokens, cache), first_s = with_watchdog(
-    lambda: greedy_step(params, tokens, cache, cfg, profile.impl), profile.compile_timeout_s, f"batch {batch}", log
+  (tokens, cache, rows), first_s = with_watchdog(
+    lambda: greedy_step(params, tokens, cache, rows, cfg, profile.impl),
+    profile.compile_timeout_s,
+    f"batch {batch}",
+    log,
   )
   for _ in range(profile.warmup_steps):
-    tokens, cache = greedy_step(params, tokens, cache, cfg, profile.impl)
+    tokens, cache, rows = greedy_step(params, tokens, cache, rows, cfg, profile.impl)
   tokens.block_until_ready()
   start = time.perf_counter()
   for _ in range(profile.steps):
-    tokens, cache = greedy_step(params, tokens, cache, cfg, profile.impl)
+    tokens, cache, rows = greedy_step(params, tokens, cache, rows, cfg, profile.impl)
   tokens.block_until_ready()
   seconds = time.perf_counter() - start
   free(cache)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe import buckets
 from jaxmoe.families.mixtral import layout, model
-from jaxmoe.generation import CACHE_BLOCK, ModelBase, pad_id
+from jaxmoe.families.mixtral.engine import DecoderOnly
+from jaxmoe.generation import ModelBase, pad_id
 
 
 class MixtralModel(ModelBase):
   """One Mixtral model (one tenant): `logits(tokens)`, `generate(prompts, n)`; numpy in and out."""
 
   layout = layout
+  hooks = DecoderOnly()
 
   def logits(self, tokens) -> np.ndarray:
     """tokens [B, T] int -> float32 logits [B, T, V]."""
@@ -26,20 +27,12 @@ class MixtralModel(ModelBase):
     """The tokens `generate` added to a row of `prompt_len` prompt tokens."""
     return row[prompt_len:]
 
-  def _start(self, padded, lengths, max_new_tokens: int):
-    cfg = self.config
+  def _check_generate(self, lengths, max_new_tokens: int) -> None:
     total = int(lengths.max()) + max_new_tokens
-    if total > cfg.max_position_embeddings:
+    if total > self.config.max_position_embeddings:
       raise ValueError(
-        f"prompt + max_new_tokens = {total} exceeds max_position_embeddings={cfg.max_position_embeddings}"
+        f"prompt + max_new_tokens = {total} exceeds max_position_embeddings={self.config.max_position_embeddings}"
       )
-    cache = model.init_cache(cfg, padded.shape[0], buckets.round_up(max(total, padded.shape[1]), CACHE_BLOCK))
-    logits, cache = model.prefill(self.params, jnp.asarray(padded), jnp.asarray(lengths), cache, cfg, self.impl)
-
-    def step(nxt, cache):
-      return model.decode_step(self.params, jnp.asarray(nxt), cache, cfg, self.impl)
-
-    return logits, cache, step
 
   def _assemble(self, tokens, lengths, new) -> np.ndarray:
     b, t = tokens.shape

@@ -1,34 +1,63 @@
-"""The serving engine's hooks for a decoder-only family: the prompt and its new tokens share one cache."""
+"""The serving engine's hooks for a decoder-only family: the prompt and its new tokens share a row's pages.
+
+`admit` prefills a group of prompts into their pages and samples each one's
+first token; `decode` runs one token per row and samples the next, in one
+jitted program each, so a step hands the host token ids [B] only.
+"""
 
 from __future__ import annotations
 
 import functools
 
 import jax
+import numpy as np
 
 from jaxmoe.errors import RequestError
 from jaxmoe.families.mixtral import model
+from jaxmoe.nn import paged, sampling
 from jaxmoe.nn.moe import Impl
 
 
-@functools.partial(jax.jit, donate_argnames=("cache",))
-def insert_rows(cache: model.KVCache, small: model.KVCache, rows):
-  """Copies a prefilled small cache [L, b, T, ...] into batch rows `rows` [b] (out of range: dropped)."""
-  t = small.k.shape[2]
-  return cache.replace(
-    k=cache.k.at[:, rows, :t].set(small.k, mode="drop"),
-    v=cache.v.at[:, rows, :t].set(small.v, mode="drop"),
-    lengths=cache.lengths.at[rows].set(small.lengths, mode="drop"),
-  )
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("kv",))
+def admit(params, tokens, kv: paged.PagedKV, rows: paged.Rows, cfg, impl: Impl, ops):
+  """Prefills prompts [b, T] of rows.lengths [b] into rows.tables [b, W] and samples each first token.
+
+  Returns (first tokens [b], kv, rows advanced past them).
+  """
+  logits, kv = model.prefill(params, tokens, rows.lengths, kv, rows.tables, cfg, impl, ops)
+  return sampling.select(logits, rows.sampling), kv, rows.replace(sampling=rows.sampling.advance(rows.active))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("kv",))
+def decode(params, tokens, kv: paged.PagedKV, rows: paged.Rows, cfg, impl: Impl, ops):
+  """One token per row [B] at its length; returns (next tokens [B], kv, rows advanced)."""
+  logits, kv = model.decode_step(params, tokens, kv, rows.tables, rows.lengths, cfg, impl, ops)
+  return sampling.select(logits, rows.sampling), kv, rows.advance()
 
 
 class DecoderOnly:
-  """Engine hooks for Mixtral: the prompt and its new tokens share max_seq_len cache positions."""
+  """Engine hooks for Mixtral."""
 
-  jitted = (model.prefill, model.decode_step, insert_rows)
+  jitted = (admit, decode)
+  cross = False  # no encoder pages
 
-  def init_cache(self, cfg, batch: int, max_len: int) -> model.KVCache:
-    return model.init_cache(cfg, batch, max_len)
+  def init_kv(self, cfg, pages_per_layer: int, page_size: int) -> paged.PagedKV:
+    return model.init_kv(cfg, pages_per_layer, page_size)
+
+  def page_bytes(self, cfg, page_size: int) -> int:
+    return model.kv_page_bytes(cfg, page_size)
+
+  def positions(self, prompt_len: int, max_tokens: int) -> tuple[int, int]:
+    """(self-attention positions, encoder positions) a request can fill."""
+    return prompt_len + max_tokens, 0
+
+  def admission_rows(self, tables, cross_tables, prompt_lengths, sp) -> paged.Rows:
+    """The rows `admit` takes for prompts of `prompt_lengths` [b] (host arrays)."""
+    return paged.Rows(tables, prompt_lengths.astype(np.int32), np.ones(len(prompt_lengths), bool), sp)
+
+  def admitted_length(self, prompt_len: int) -> int:
+    """A row's length after admission: where its first generated token goes."""
+    return prompt_len
 
   def check_lengths(self, prompt_len: int, max_tokens: int, limit: int) -> None:
     if prompt_len >= limit:
@@ -39,14 +68,8 @@ class DecoderOnly:
         f"{prompt_len}-token prompt (max_seq_len={limit})"
       )
 
-  def admit(self, params, tokens, lengths, cache, rows, cfg, impl: Impl, ops):
-    """Prefills prompts [b, T] of `lengths` [b] into batch rows `rows` [b] of the (donated) cache.
+  def admit(self, params, tokens, kv, rows, cfg, impl: Impl, ops):
+    return admit(params, tokens, kv, rows, cfg, impl, ops)
 
-    Returns (next-token logits [b, V], cache).
-    """
-    small = model.init_cache(cfg, tokens.shape[0], tokens.shape[1])
-    logits, small = model.prefill(params, tokens, lengths, small, cfg, impl, ops)
-    return logits, insert_rows(cache, small, rows)
-
-  def decode_step(self, params, tokens, cache, cfg, impl: Impl, ops):
-    return model.decode_step(params, tokens, cache, cfg, impl, ops)
+  def decode(self, params, tokens, kv, rows, cfg, impl: Impl, ops):
+    return decode(params, tokens, kv, rows, cfg, impl, ops)

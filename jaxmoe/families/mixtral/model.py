@@ -12,11 +12,12 @@ for a mixed batch, and the shared pool stay separate trees. `DecoderLayer` is
 scanned over the stacked layers (`nn.scan`): compile time does not grow with
 depth, and RoPE tables and masks are built once per call.
 
-One layer function serves the full forward, prefill and decode: it writes the
-new keys/values into the cache at each row's own positions, then attends over
-the whole cache with a causal (and windowed) mask on positions. Rows of a batch
-are independent, so right-padded prompts of different lengths give the same
-results as each prompt alone.
+One layer function serves the full forward, prefill and decode. The forward
+and prefill attend over the call's own keys (causal, windowed); prefill also
+writes them into the paged cache (jaxmoe/nn/paged.py); decode writes the new
+token's keys into its row's pages and attends over those pages only. Rows of a
+batch are independent, so right-padded prompts of different lengths give the
+same results as each prompt alone.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 from jaxmoe.axes import ArrayLike, Int, checked
 from jaxmoe.families.mixtral.config import MixtralConfig
 from jaxmoe.families.mixtral.layout import global_shapes, layer_shapes
+from jaxmoe.nn import paged
 from jaxmoe.nn.attention import causal_mask, gqa_attention
 from jaxmoe.nn.moe import Impl, MoeSpec, Router, moe
 from jaxmoe.nn.norms import rms_norm
@@ -41,23 +43,13 @@ from jaxmoe.nn.tenancy import SingleTenant
 F32 = jnp.float32
 
 
-@flax.struct.dataclass
-class KVCache:
-  """Keys/values for every layer and the number of valid positions per row."""
-
-  k: jax.Array  # [L, B, S, M, H]
-  v: jax.Array  # [L, B, S, M, H]
-  lengths: jax.Array  # [B] int32
-
-  @property
-  def max_len(self) -> int:
-    return self.k.shape[2]
+def init_kv(cfg: MixtralConfig, pages_per_layer: int, page_size: int) -> paged.PagedKV:
+  """An empty paged KV cache for every layer (page 0 is the scratch page)."""
+  return paged.init(cfg.num_layers, pages_per_layer, page_size, cfg.num_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype))
 
 
-def init_cache(cfg: MixtralConfig, batch: int, max_len: int) -> KVCache:
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  dtype = jnp.dtype(cfg.dtype)
-  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+def kv_page_bytes(cfg: MixtralConfig, page_size: int) -> int:
+  return paged.page_bytes(cfg.num_layers, page_size, cfg.num_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype).itemsize)
 
 
 def _init(name: str, dtype):
@@ -67,28 +59,38 @@ def _init(name: str, dtype):
 
 @flax.struct.dataclass
 class Context:
-  """What every layer of one call reads: positions, RoPE tables, mask, the pool, the weight access."""
+  """What every layer of one call reads: positions, RoPE tables, masks, pages, the pool, the weight access."""
 
   positions: jax.Array  # [B, T]
   cos: jax.Array  # [B, T, H]
   sin: jax.Array  # [B, T, H]
-  mask: jax.Array  # [B, T, S]
+  mask: jax.Array | None  # [B, T, T] over the call's own keys (None when attending over pages)
+  tables: jax.Array | None  # [B, n] block tables of the paged cache (None: no cache)
   pool: dict  # {w1, w3, w2} [X, ...]
   ops: Any  # SingleTenant | MixedTenants
 
 
+def attend_pages(q, kv: paged.PagedKV, layer, ctx: Context, cfg: MixtralConfig):
+  """Queries [B, T, M, G, H] over the rows' pages: jax's Pallas kernel on GPUs (one query, no window)."""
+  scale = cfg.head_dim**-0.5
+  if jax.default_backend() == "gpu" and q.shape[1] == 1 and cfg.sliding_window is None:
+    return paged.attention_pallas(q, kv, layer, ctx.tables, ctx.positions[:, 0] + 1, scale)
+  return paged.attention_reference(q, kv, layer, ctx.tables, ctx.positions, scale, cfg.sliding_window)
+
+
 class DecoderLayer(nn.Module):
-  """One Mixtral layer: attention over the cache, then the routed experts."""
+  """One Mixtral layer: attention (over its own keys, or over the paged cache), then the routed experts."""
 
   cfg: MixtralConfig
   impl: Impl = Impl.AUTO
   capture: bool = False  # also return the MoE input and router logits
+  decode: bool = False  # attend over the pages (after writing the new keys) instead of the call's own keys
 
   @nn.compact
   def __call__(self, carry, xs, ctx: Context):
-    """carry (x [B, T, D], k, v [L, B, S, M, H]); xs (slot map row [E] or [A, E], layer index)."""
+    """carry (x [B, T, D], paged KV or None); xs (slot map row [E] or [A, E], layer index)."""
     cfg, ops = self.cfg, ctx.ops
-    x, k_all, v_all = carry
+    x, kv = carry
     slot_row, layer = xs
     dtype = jnp.dtype(cfg.dtype)
     p = {n: self.param(n, _init(n, dtype), ops.shape(s)) for n, s in layer_shapes(cfg).items()}
@@ -99,12 +101,13 @@ class DecoderLayer(nn.Module):
     q = apply_rope(ops.linear("BTD,DNH->BTNH", h, p["q"]), ctx.cos, ctx.sin)
     k = apply_rope(ops.linear("BTD,DMH->BTMH", h, p["k"]), ctx.cos, ctx.sin)
     v = ops.linear("BTD,DMH->BTMH", h, p["v"])
-    rows = jnp.arange(b)[:, None]
-    # Scatter into the stacked cache so a donated cache is updated in place.
-    k_all = k_all.at[layer, rows, ctx.positions].set(k.astype(k_all.dtype), mode="drop")
-    v_all = v_all.at[layer, rows, ctx.positions].set(v.astype(v_all.dtype), mode="drop")
+    if kv is not None:  # scatter into the pool, so a donated cache is updated in place
+      kv = paged.write(kv, layer, ctx.tables, ctx.positions, k, v)
     q = q.reshape(b, t, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)
-    out = gqa_attention(q, k_all[layer], v_all[layer], ctx.mask, cfg.head_dim**-0.5)
+    if self.decode:
+      out = attend_pages(q, kv, layer, ctx, cfg)
+    else:
+      out = gqa_attention(q, k, v, ctx.mask, cfg.head_dim**-0.5)
     x = x + ops.linear("BTNH,NHD->BTD", out.reshape(b, t, cfg.num_heads, cfg.head_dim), p["o"])
 
     h = rms_norm(x, ops.vector(p["mlp_norm"]), eps)
@@ -116,7 +119,7 @@ class DecoderLayer(nn.Module):
     spec = MoeSpec(top_k=cfg.top_k, router=Router.TOPK_RENORM, impl=self.impl, max_slots=reach)
     y = moe(h.reshape(b * t, d), router_logits.reshape(b * t, -1), slot_map, ctx.pool, spec)
     x = x + y.reshape(b, t, d)
-    return (x, k_all, v_all), ((h, router_logits) if self.capture else None)
+    return (x, kv), ((h, router_logits) if self.capture else None)
 
 
 class Mixtral(nn.Module):
@@ -125,21 +128,24 @@ class Mixtral(nn.Module):
   cfg: MixtralConfig
   impl: Impl = Impl.AUTO
   capture: bool = False
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, tokens, positions, k_all, v_all, pool, slot_map, ops, logits_at=None):
-    """Runs tokens [B, T] at positions [B, T] through every layer, writing the caches k/v_all.
+  def __call__(self, tokens, positions, kv, tables, pool, slot_map, ops, logits_at=None):
+    """Runs tokens [B, T] at positions [B, T] through every layer, writing their keys into `kv`.
 
+    `kv` (with block `tables` [B, n]) may be None: no cache (a full forward).
     `logits_at` [B] picks one position per row for the LM head (default: every
-    position). Returns (logits float32 [B, T or 1, V], k_all, v_all, captured
-    (MoE inputs [L, B, T, D], router logits [L, B, T, E]) or None).
+    position). Returns (logits float32 [B, T or 1, V], kv, captured (MoE inputs
+    [L, B, T, D], router logits [L, B, T, E]) or None).
     """
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     g = {n: self.param(n, _init(n, dtype), ops.shape(s)) for n, s in global_shapes(cfg).items()}
     x = ops.embed(g["embed"], tokens)
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-    ctx = Context(positions, cos, sin, causal_mask(positions, k_all.shape[2], cfg.sliding_window), pool, ops)
+    mask = None if self.decode else causal_mask(positions, tokens.shape[1], cfg.sliding_window)
+    ctx = Context(positions, cos, sin, mask, tables, pool, ops)
     layers = nn.scan(
       DecoderLayer,
       variable_axes={"params": 0},
@@ -149,26 +155,18 @@ class Mixtral(nn.Module):
     )
     rows_by_layer = slot_map if slot_map.ndim == 2 else jnp.swapaxes(slot_map, 0, 1)  # [L, E] or [L, A, E]
     xs = (rows_by_layer, jnp.arange(cfg.num_layers))
-    (x, k_all, v_all), captured = layers(cfg, self.impl, self.capture, name="layers")((x, k_all, v_all), xs, ctx)
+    (x, kv), captured = layers(cfg, self.impl, self.capture, self.decode, name="layers")((x, kv), xs, ctx)
     x = rms_norm(x, ops.vector(g["norm"]), cfg.rms_norm_eps)
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
     logits = ops.linear("BTD,DV->BTV", x, g["lm_head"]).astype(F32)
-    return logits, k_all, v_all, captured
+    return logits, kv, captured
 
 
-def _apply(params, tokens, positions, k_all, v_all, cfg, impl, ops, logits_at=None, capture=False):
-  model = Mixtral(cfg, impl, capture)
+def _apply(params, tokens, positions, kv, tables, cfg, impl, ops, logits_at=None, capture=False, decode=False):
+  model = Mixtral(cfg, impl, capture, decode)
   return model.apply(
-    {"params": params["backbone"]},
-    tokens,
-    positions,
-    k_all,
-    v_all,
-    params["experts"],
-    params["slot_map"],
-    ops,
-    logits_at,
+    {"params": params["backbone"]}, tokens, positions, kv, tables, params["experts"], params["slot_map"], ops, logits_at
   )
 
 
@@ -182,7 +180,7 @@ def forward(
   ops=SingleTenant(),
   capture: bool = False,
 ):
-  """Full causal forward pass.
+  """Full causal forward pass (no cache).
 
   Args:
     params: the served layout (layout.py).
@@ -197,43 +195,52 @@ def forward(
   """
   b, t = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  cache = init_cache(cfg, b, t)
-  logits, _, _, captured = _apply(params, tokens, positions, cache.k, cache.v, cfg, impl, ops, capture=capture)
+  logits, _, captured = _apply(params, tokens, positions, None, None, cfg, impl, ops, capture=capture)
   if capture:
     return logits, {"moe_inputs": captured[0], "router_logits": captured[1]}
   return logits
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("kv",))
 @checked
 def prefill(
   params,
   tokens: Int[ArrayLike, "B T"],
-  lengths: Int[ArrayLike, B],
-  cache: KVCache,
+  lengths: Int[ArrayLike, "B"],
+  kv: paged.PagedKV,
+  tables: Int[ArrayLike, "B W"],
   cfg: MixtralConfig,
   impl: Impl = Impl.AUTO,
   ops=SingleTenant(),
 ):
-  """Runs right-padded prompts [B, T] of `lengths` [B] into an empty cache.
+  """Right-padded prompts [B, T] of `lengths` [B] into their pages (`tables`), attending over themselves.
 
-  Returns (logits of each row's last prompt token [B, V] float32, cache).
+  Returns (logits of each row's last prompt token [B, V] float32, kv).
   """
   b, t = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  logits, k, v, _ = _apply(params, tokens, positions, cache.k, cache.v, cfg, impl, ops, logits_at=lengths - 1)
-  return logits[:, 0], KVCache(k, v, lengths.astype(jnp.int32))
+  logits, kv, _ = _apply(params, tokens, positions, kv, tables, cfg, impl, ops, logits_at=lengths - 1)
+  return logits[:, 0], kv
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("kv",))
 @checked
 def decode_step(
-  params, tokens: Int[ArrayLike, B], cache: KVCache, cfg: MixtralConfig, impl: Impl = Impl.AUTO, ops=SingleTenant()
+  params,
+  tokens: Int[ArrayLike, "B"],
+  kv: paged.PagedKV,
+  tables: Int[ArrayLike, "B n"],
+  lengths: Int[ArrayLike, "B"],
+  cfg: MixtralConfig,
+  impl: Impl = Impl.AUTO,
+  ops=SingleTenant(),
 ):
-  """Appends one token per row [B] at each row's length; returns (logits [B, V], cache)."""
-  positions = cache.lengths[:, None]
-  logits, k, v, _ = _apply(params, tokens[:, None], positions, cache.k, cache.v, cfg, impl, ops)
-  return logits[:, 0], KVCache(k, v, cache.lengths + 1)
+  """One token per row [B] at position lengths [B], attending over the rows' pages tables [B, n].
+
+  Returns (logits [B, V] float32, kv); the caller advances the lengths.
+  """
+  logits, kv, _ = _apply(params, tokens[:, None], lengths[:, None], kv, tables, cfg, impl, ops, decode=True)
+  return logits[:, 0], kv
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"))
@@ -246,9 +253,6 @@ def layer_step(layer: dict, pool: dict, slot_row, x, cfg: MixtralConfig, impl: I
   b, t, _ = x.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-  ctx = Context(positions, cos, sin, causal_mask(positions, t, cfg.sliding_window), pool, SingleTenant())
-  cache = init_cache(cfg.replace(num_layers=1), b, t)
-  (x, _, _), (h, _) = DecoderLayer(cfg, impl, capture=True).apply(
-    {"params": layer}, (x, cache.k, cache.v), (slot_row, jnp.int32(0)), ctx
-  )
+  ctx = Context(positions, cos, sin, causal_mask(positions, t, cfg.sliding_window), None, pool, SingleTenant())
+  (x, _), (h, _) = DecoderLayer(cfg, impl, capture=True).apply({"params": layer}, (x, None), (slot_row, 0), ctx)
   return x, h

@@ -12,16 +12,17 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe import buckets
 from jaxmoe.families.switch import layout, model
 from jaxmoe.families.switch.config import Routing
-from jaxmoe.generation import CACHE_BLOCK, ModelBase
+from jaxmoe.families.switch.engine import EncoderDecoder
+from jaxmoe.generation import ModelBase
 
 
 class SwitchModel(ModelBase):
   """One Switch Transformer (one tenant): config, device parameters, optional tokenizer."""
 
   layout = layout
+  hooks = EncoderDecoder()
 
   @classmethod
   def config_for(cls, cfg, routing=None):
@@ -54,22 +55,6 @@ class SwitchModel(ModelBase):
   def new_tokens(self, row: np.ndarray, prompt_len: int) -> np.ndarray:
     """The tokens `generate` added (after decoder_start_token_id); the prompt was the encoder's."""
     return row[1:]
-
-  def _start(self, padded, lengths, max_new_tokens: int):
-    cfg = self.config
-    b = padded.shape[0]
-    cache = model.init_cache(cfg, b, buckets.round_up(1 + max_new_tokens, CACHE_BLOCK), padded.shape[1])
-    start = np.full((b, 1), cfg.decoder_start_token_id, np.int32)
-    enc_lengths = jnp.asarray(lengths)
-    enc = model.encode(self.params, jnp.asarray(padded), enc_lengths, cfg, self.impl)
-    logits, cache = model.prefill(
-      self.params, enc, enc_lengths, jnp.asarray(start), jnp.ones((b,), jnp.int32), cache, cfg, self.impl
-    )
-
-    def step(nxt, cache):
-      return model.decode_step(self.params, jnp.asarray(nxt), cache, cfg, self.impl)
-
-    return logits, cache, step
 
   def _assemble(self, tokens, lengths, new) -> np.ndarray:
     start = np.full((tokens.shape[0], 1), self.config.decoder_start_token_id, np.int32)

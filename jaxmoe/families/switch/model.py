@@ -14,10 +14,12 @@ cache and weight access (`ops`) are arguments. Each stack scans over groups of
 `layout.period` blocks (the period of its sparse pattern), so compile time
 does not grow with depth; position biases and masks are built once per call.
 
-Decoding: `encode` runs once per request; `prefill` runs the first decoder
-tokens and writes each decoder block's cross-attention keys/values of the
-encoder output into the cache; `decode_step` appends one token per row. Rows
-are independent, so right-padded batches equal each row alone.
+Decoding uses one paged KV pool (jaxmoe/nn/paged.py) for both caches: each
+row has self-attention pages (its decoder tokens) and cross-attention pages
+(each decoder block's keys/values of the encoder output). `encode` runs once
+per request; `start` writes the cross pages and runs the decoder start token;
+`decode_step` appends one token per row, attending over the row's pages only.
+Rows are independent, so right-padded batches equal each row alone.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 from jaxmoe.axes import ArrayLike, Int, checked
 from jaxmoe.families.switch import layout
 from jaxmoe.families.switch.config import Routing, SwitchConfig
+from jaxmoe.nn import paged
 from jaxmoe.nn.attention import biased_attention
 from jaxmoe.nn.moe import Impl, MoeSpec, Router, moe
 from jaxmoe.nn.norms import rms_norm
@@ -43,42 +46,17 @@ from jaxmoe.nn.tenancy import SingleTenant
 F32 = jnp.float32
 
 
-@flax.struct.dataclass
-class SwitchCache:
-  """Decoder self-attention keys/values, and each decoder block's view of the encoder output."""
-
-  k: jax.Array  # [L, B, S, N, H], L decoder blocks
-  v: jax.Array  # [L, B, S, N, H]
-  lengths: jax.Array  # [B] int32, decoder positions filled
-  cross_k: jax.Array  # [L, B, U, N, H]
-  cross_v: jax.Array  # [L, B, U, N, H]
-  enc_lengths: jax.Array  # [B] int32, valid encoder positions
-
-  @property
-  def max_len(self) -> int:
-    return self.k.shape[2]
-
-  @property
-  def enc_len(self) -> int:
-    return self.cross_k.shape[2]
-
-
-def init_cache(cfg: SwitchConfig, batch: int, max_len: int, enc_len: int) -> SwitchCache:
-  dtype = jnp.dtype(cfg.dtype)
-  self_shape = (cfg.num_decoder_layers, batch, max_len, cfg.num_heads, cfg.head_dim)
-  cross_shape = (cfg.num_decoder_layers, batch, enc_len, cfg.num_heads, cfg.head_dim)
-  lengths = lambda: jnp.zeros((batch,), jnp.int32)  # noqa: E731  distinct buffers: the cache is donated
-  return SwitchCache(
-    jnp.zeros(self_shape, dtype),
-    jnp.zeros(self_shape, dtype),
-    lengths(),
-    jnp.zeros(cross_shape, dtype),
-    jnp.zeros(cross_shape, dtype),
-    lengths(),
+def init_kv(cfg: SwitchConfig, pages_per_layer: int, page_size: int) -> paged.PagedKV:
+  """An empty paged pool for every decoder block's self and cross keys/values (page 0: scratch)."""
+  return paged.init(
+    cfg.num_decoder_layers, pages_per_layer, page_size, cfg.num_heads, cfg.head_dim, jnp.dtype(cfg.dtype)
   )
 
 
-@functools.cache
+def kv_page_bytes(cfg: SwitchConfig, page_size: int) -> int:
+  return paged.page_bytes(cfg.num_decoder_layers, page_size, cfg.num_heads, cfg.head_dim, jnp.dtype(cfg.dtype).itemsize)
+
+
 def bucket_table(num_buckets: int, max_distance: int) -> np.ndarray:
   """One side's bucket for each distance 0..max_distance (T5 relative-position buckets).
 
@@ -138,8 +116,10 @@ class Context:
   pool: dict  # {wi, wo} [X, ...]
   ops: Any  # SingleTenant | MixedTenants
   positions: jax.Array | None = None  # decoder: [B, T] where the new keys go
-  cross_mask: jax.Array | None = None  # decoder: [B, T, U]
-  enc_out: jax.Array | None = None  # decoder prefill: [B, U, D] encoder output, for cross keys/values
+  cross_mask: jax.Array | None = None  # decoder: [B, T, U'] over the encoder keys
+  enc_out: jax.Array | None = None  # decoder: [B, U, D] encoder output (fresh cross keys, or to write)
+  tables: jax.Array | None = None  # decoder with a cache: [B, n] self-attention pages
+  cross_tables: jax.Array | None = None  # decoder with a cache: [B, c] cross-attention pages
 
 
 class Block(nn.Module):
@@ -150,36 +130,40 @@ class Block(nn.Module):
   stack: str
   sparse: bool
   tenants: int = 0
-  write_cross: bool = False  # decoder: compute the cross keys/values of ctx.enc_out into the cache
+  write_cross: bool = False  # decoder with a cache: first write ctx.enc_out's cross keys/values into its pages
 
   @nn.compact
-  def __call__(self, x, ctx: Context, slot_row, layer=None, caches=None):
+  def __call__(self, x, ctx: Context, slot_row, layer=None, kv: paged.PagedKV | None = None):
     cfg, ops, eps = self.cfg, ctx.ops, self.cfg.layer_norm_eps
     dtype = jnp.dtype(cfg.dtype)
     shapes = layout.block_shapes(cfg, self.stack, self.sparse)
     p = {n: self.param(n, _init(n, dtype), _shape(self.tenants, s)) for n, s in shapes.items()}
     heads = lambda h, names: [ops.linear("BTD,DNH->BTNH", h, p[n]) for n in names]  # noqa: E731
     q, k, v = heads(rms_norm(x, ops.vector(p["attn_norm"]), eps), ("q", "k", "v"))
-    if caches is None:  # encoder: bidirectional over the prompt
-      x = x + ops.linear("BTNH,NHD->BTD", biased_attention(q, k, v, ctx.bias, ctx.mask), p["o"])
-    else:
-      k_all, v_all, ck_all, cv_all = caches
-      rows = jnp.arange(x.shape[0])[:, None]
-      # Scatter into the stacked cache so a donated cache is updated in place.
-      k_all = k_all.at[layer, rows, ctx.positions].set(k.astype(k_all.dtype), mode="drop")
-      v_all = v_all.at[layer, rows, ctx.positions].set(v.astype(v_all.dtype), mode="drop")
-      x = x + ops.linear("BTNH,NHD->BTD", biased_attention(q, k_all[layer], v_all[layer], ctx.bias, ctx.mask), p["o"])
-      if self.write_cross:
-        u = ctx.enc_out.shape[1]
-        ck, cv = heads(ctx.enc_out, ("ck", "cv"))
-        ck_all = ck_all.at[layer, :, :u].set(ck.astype(ck_all.dtype))
-        cv_all = cv_all.at[layer, :, :u].set(cv.astype(cv_all.dtype))
-      (cq,) = heads(rms_norm(x, ops.vector(p["cross_norm"]), eps), ("cq",))
-      cross = biased_attention(cq, ck_all[layer], cv_all[layer], None, ctx.cross_mask)  # no position bias
-      x = x + ops.linear("BTNH,NHD->BTD", cross, p["co"])
-      caches = (k_all, v_all, ck_all, cv_all)
+    if self.stack == "decoder" and kv is not None:  # scatter into the pool: a donated cache updates in place
+      kv = paged.write(kv, layer, ctx.tables, ctx.positions, k, v)
+      k = paged.gather(kv.k, layer, kv.pages_per_layer, ctx.tables)
+      v = paged.gather(kv.v, layer, kv.pages_per_layer, ctx.tables)
+    x = x + ops.linear("BTNH,NHD->BTD", biased_attention(q, k, v, ctx.bias, ctx.mask), p["o"])
+    if self.stack == "decoder":
+      x, kv = self.cross_attention(p, x, ctx, layer, kv, heads)
     x = x + self.feed_forward(p, rms_norm(x, ops.vector(p["mlp_norm"]), eps), ctx, slot_row)
-    return x, caches
+    return x, kv
+
+  def cross_attention(self, p, x, ctx: Context, layer, kv, heads):
+    """Attention over the encoder output: its fresh keys, or the row's cross pages (written first if asked)."""
+    (cq,) = heads(rms_norm(x, ctx.ops.vector(p["cross_norm"]), self.cfg.layer_norm_eps), ("cq",))
+    if kv is None or self.write_cross:
+      ck, cv = heads(ctx.enc_out, ("ck", "cv"))
+    if kv is not None:
+      if self.write_cross:
+        b, u = ctx.enc_out.shape[:2]
+        positions = jnp.broadcast_to(jnp.arange(u, dtype=jnp.int32), (b, u))
+        kv = paged.write(kv, layer, ctx.cross_tables, positions, ck, cv)
+      ck = paged.gather(kv.k, layer, kv.pages_per_layer, ctx.cross_tables)
+      cv = paged.gather(kv.v, layer, kv.pages_per_layer, ctx.cross_tables)
+    cross = biased_attention(cq, ck, cv, None, ctx.cross_mask)  # no position bias
+    return x + ctx.ops.linear("BTNH,NHD->BTD", cross, p["co"]), kv
 
   def feed_forward(self, p, h, ctx: Context, slot_row):
     """The block's MLP on its normed input h [B, T, D]: dense relu(h wi) wo, or the routed experts."""
@@ -215,16 +199,16 @@ class Group(nn.Module):
 
   @nn.compact
   def __call__(self, carry, xs, ctx: Context):
-    """carry x [B, T, D] (decoder: and the caches); xs (slot rows [sparse per group, E or A, E], group)."""
-    x, caches = carry
+    """carry (x [B, T, D], paged KV or None); xs (slot rows [sparse per group, (A,) E], group index)."""
+    x, kv = carry
     slot_rows, group = xs
     pattern = layout.pattern(self.cfg, self.stack)
     m = 0
     for j, sparse in enumerate(pattern):
       block = Block(self.cfg, self.impl, self.stack, sparse, self.tenants, self.write_cross, name=f"block_{j}")
-      x, caches = block(x, ctx, slot_rows[m] if sparse else None, group * len(pattern) + j, caches)
+      x, kv = block(x, ctx, slot_rows[m] if sparse else None, group * len(pattern) + j, kv)
       m += sparse
-    return (x, caches), None
+    return (x, kv), None
 
 
 def stack_slot_rows(cfg: SwitchConfig, stack: str, slot_map, tenants: int):
@@ -246,24 +230,19 @@ class Stack(nn.Module):
   write_cross: bool = False
 
   @nn.compact
-  def __call__(self, tokens, shared_embed, ctx_fn, slot_map, ops, caches=None):
+  def __call__(self, tokens, shared_embed, ctx_fn, slot_map, ops, kv=None):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     own = layout.global_shapes(cfg)[self.stack]
     g = {n: self.param(n, _init(n, dtype), _shape(self.tenants, s)) for n, s in own.items()}
     x = ops.embed(g.get("embed", shared_embed), tokens)
     ctx = ctx_fn(g["rel_bias"])
+    n = layout.num_groups(cfg, self.stack)
     groups = nn.scan(
-      Group,
-      variable_axes={"params": 0},
-      split_rngs={"params": True},
-      in_axes=(0, nn.broadcast),
-      length=layout.num_groups(cfg, self.stack),
+      Group, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(0, nn.broadcast), length=n
     )
-    xs = (stack_slot_rows(cfg, self.stack, slot_map, self.tenants), jnp.arange(layout.num_groups(cfg, self.stack)))
-    (x, caches), _ = groups(cfg, self.impl, self.stack, self.tenants, self.write_cross, name="layers")(
-      (x, caches), xs, ctx
-    )
-    return rms_norm(x, ops.vector(g["norm"]), cfg.layer_norm_eps), caches
+    xs = (stack_slot_rows(cfg, self.stack, slot_map, self.tenants), jnp.arange(n))
+    (x, kv), _ = groups(cfg, self.impl, self.stack, self.tenants, self.write_cross, name="layers")((x, kv), xs, ctx)
+    return rms_norm(x, ops.vector(g["norm"]), cfg.layer_norm_eps), kv
 
 
 class Switch(nn.Module):
@@ -272,7 +251,7 @@ class Switch(nn.Module):
   cfg: SwitchConfig
   impl: Impl = Impl.AUTO
   tenants: int = 0
-  write_cross: bool = False  # decode: fill the cross-attention cache from enc_out first
+  write_cross: bool = False  # decode with a cache: write enc_out's cross keys/values into the pages first
 
   def setup(self):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
@@ -294,24 +273,39 @@ class Switch(nn.Module):
     x, _ = self.encoder(tokens, self.roots.get("embed"), ctx, slot_map, ops)
     return x
 
-  def decode(self, tokens, positions, cache: SwitchCache, pool, slot_map, ops, enc_out=None, logits_at=None):
-    """Decoder tokens [B, T] at `positions` [B, T] over the cache -> (logits [B, T or 1, V] float32, cache)."""
+  def decode(
+    self,
+    tokens,
+    positions,
+    enc_lengths,
+    pool,
+    slot_map,
+    ops,
+    kv=None,
+    tables=None,
+    cross_tables=None,
+    enc_out=None,
+    logits_at=None,
+  ):
+    """Decoder tokens [B, T] at `positions` [B, T] -> (logits [B, T or 1, V] float32, kv).
+
+    With `kv`, self and cross keys are the rows' pages (`tables` [B, n],
+    `cross_tables` [B, c]); without, the call's own keys and `enc_out`'s.
+    """
     b, t = tokens.shape
-    keys = jnp.arange(cache.max_len)
-    rel = keys[None, None, :] - positions[:, :, None]  # [B, T, S]
-    cross_mask = jnp.broadcast_to(
-      jnp.arange(cache.enc_len)[None, None, :] < cache.enc_lengths[:, None, None], (b, t, cache.enc_len)
-    )
+    num_keys = t if kv is None else tables.shape[1] * kv.page_size
+    num_enc = enc_out.shape[1] if kv is None else cross_tables.shape[1] * kv.page_size
+    rel = jnp.arange(num_keys)[None, None, :] - positions[:, :, None]  # [B, T, S]
+    cross_mask = jnp.broadcast_to(jnp.arange(num_enc)[None, None, :] < enc_lengths[:, None, None], (b, t, num_enc))
 
     def ctx(table):
       bias = position_bias(table, rel, self.cfg, False, ops)
-      return Context(bias, rel <= 0, pool, ops, positions, cross_mask, enc_out)
+      return Context(bias, rel <= 0, pool, ops, positions, cross_mask, enc_out, tables, cross_tables)
 
-    caches = (cache.k, cache.v, cache.cross_k, cache.cross_v)
-    x, (k, v, ck, cv) = self.decoder(tokens, self.roots.get("embed"), ctx, slot_map, ops, caches)
+    x, kv = self.decoder(tokens, self.roots.get("embed"), ctx, slot_map, ops, kv)
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
-    return self.lm_head(x, ops), cache.replace(k=k, v=v, cross_k=ck, cross_v=cv)
+    return self.lm_head(x, ops), kv
 
   def lm_head(self, x, ops):
     """Decoder output [B, T, D] -> float32 logits [B, T, V]."""
@@ -321,12 +315,11 @@ class Switch(nn.Module):
     return ops.linear("BTD,DV->BTV", x, self.roots["lm_head"]).astype(F32)
 
   def __call__(self, enc_tokens, enc_lengths, dec_tokens, pool, slot_map, ops):
-    """The full pass (what `init` traces): encoder, then the decoder over a fresh cache."""
+    """The full pass (what `init` traces): the encoder, then the decoder over its own keys."""
     b, t = dec_tokens.shape
     enc = self.encode(enc_tokens, enc_lengths, pool, slot_map, ops)
-    cache = init_cache(self.cfg, b, t, enc_tokens.shape[1]).replace(enc_lengths=enc_lengths.astype(jnp.int32))
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return self.decode(dec_tokens, positions, cache, pool, slot_map, ops, enc_out=enc)[0]
+    return self.decode(dec_tokens, positions, enc_lengths, pool, slot_map, ops, enc_out=enc)[0]
 
 
 def _model(cfg, impl, ops, write_cross=False) -> Switch:
@@ -338,7 +331,7 @@ def _model(cfg, impl, ops, write_cross=False) -> Switch:
 def encode(
   params,
   tokens: Int[ArrayLike, "B U"],
-  lengths: Int[ArrayLike, B],
+  lengths: Int[ArrayLike, "B"],
   cfg: SwitchConfig,
   impl: Impl = Impl.AUTO,
   ops=SingleTenant(),
@@ -361,59 +354,69 @@ def encode(
   )
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("kv",))
 @checked
-def prefill(
+def start(
   params,
   enc_out,
-  enc_lengths: Int[ArrayLike, B],
-  tokens: Int[ArrayLike, "B T"],
-  lengths: Int[ArrayLike, B],
-  cache: SwitchCache,
+  enc_lengths: Int[ArrayLike, "B"],
+  kv: paged.PagedKV,
+  tables: Int[ArrayLike, "B n"],
+  cross_tables: Int[ArrayLike, "B c"],
   cfg: SwitchConfig,
   impl: Impl = Impl.AUTO,
   ops=SingleTenant(),
 ):
-  """Stores the encoder output's cross keys/values and runs decoder tokens [B, T] of `lengths` [B].
-
-  enc_out [B, U, D] with `enc_lengths` [B] from `encode`; the cache is empty
-  and donated. Returns (logits of each row's last decoder token [B, V], cache).
-  """
-  b, t = tokens.shape
-  cache = cache.replace(enc_lengths=enc_lengths.astype(jnp.int32))
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  logits, cache = _model(cfg, impl, ops, write_cross=True).apply(
+  """Writes each decoder block's cross keys/values of enc_out [B, U, D] into the rows' cross pages and runs
+  the decoder start token at position 0. Returns (logits of the first generated token [B, V], kv)."""
+  b = enc_out.shape[0]
+  first = jnp.full((b, 1), cfg.decoder_start_token_id, jnp.int32)
+  logits, kv = _model(cfg, impl, ops, write_cross=True).apply(
     {"params": params["backbone"]},
-    tokens,
-    positions,
-    cache,
+    first,
+    jnp.zeros((b, 1), jnp.int32),
+    enc_lengths,
     params["experts"],
     params["slot_map"],
     ops,
+    kv,
+    tables,
+    cross_tables,
     enc_out,
-    lengths - 1,
     method=Switch.decode,
   )
-  return logits[:, 0], cache.replace(lengths=lengths.astype(jnp.int32))
+  return logits[:, 0], kv
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("kv",))
 @checked
 def decode_step(
-  params, tokens: Int[ArrayLike, B], cache: SwitchCache, cfg: SwitchConfig, impl: Impl = Impl.AUTO, ops=SingleTenant()
+  params,
+  tokens: Int[ArrayLike, "B"],
+  kv: paged.PagedKV,
+  tables: Int[ArrayLike, "B n"],
+  cross_tables: Int[ArrayLike, "B c"],
+  lengths: Int[ArrayLike, "B"],
+  enc_lengths: Int[ArrayLike, "B"],
+  cfg: SwitchConfig,
+  impl: Impl = Impl.AUTO,
+  ops=SingleTenant(),
 ):
-  """Appends one decoder token per row [B] at each row's length; returns (logits [B, V], cache)."""
-  logits, cache = _model(cfg, impl, ops).apply(
+  """One decoder token per row [B] at position lengths [B] over the rows' pages; returns (logits [B, V], kv)."""
+  logits, kv = _model(cfg, impl, ops).apply(
     {"params": params["backbone"]},
     tokens[:, None],
-    cache.lengths[:, None],
-    cache,
+    lengths[:, None],
+    enc_lengths,
     params["experts"],
     params["slot_map"],
     ops,
+    kv,
+    tables,
+    cross_tables,
     method=Switch.decode,
   )
-  return logits[:, 0], cache.replace(lengths=cache.lengths + 1)
+  return logits[:, 0], kv
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"))
@@ -421,7 +424,7 @@ def decode_step(
 def forward(
   params,
   enc_tokens: Int[ArrayLike, "B U"],
-  enc_lengths: Int[ArrayLike, B],
+  enc_lengths: Int[ArrayLike, "B"],
   dec_tokens: Int[ArrayLike, "B T"],
   cfg: SwitchConfig,
   impl: Impl = Impl.AUTO,
@@ -437,6 +440,6 @@ def forward(
   Returns:
     logits [B, T, V] float32.
   """
-  return _model(cfg, impl, ops, write_cross=True).apply(
+  return _model(cfg, impl, ops).apply(
     {"params": params["backbone"]}, enc_tokens, enc_lengths, dec_tokens, params["experts"], params["slot_map"], ops
   )

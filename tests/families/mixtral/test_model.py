@@ -36,19 +36,34 @@ def test_kv_cache_decoding_equals_full_forward(models, name):
   rng = np.random.default_rng(1)
   seq = rng.integers(0, cfg.vocab_size, size=(2, 14)).astype(np.int32)
   full = np.asarray(model.forward(m.params, jnp.asarray(seq), cfg, m.impl))
-  prompt_len = 5
-  cache = model.init_cache(cfg, 2, 64)
+  # Rows of different prompt lengths, pages of 4 positions handed out out of order: rows cross page
+  # boundaries through their block tables, and decode attends over a growing slice of them.
+  prompt_len = np.array([5, 2])
+  kv = model.init_kv(cfg, 1 + 2 * 4, 4)
+  tables = np.random.default_rng(1).permutation(np.arange(1, 9, dtype=np.int32)).reshape(2, 4)
   padded = np.zeros((2, 8), np.int32)
-  padded[:, :prompt_len] = seq[:, :prompt_len]
-  lengths = jnp.full((2,), prompt_len, jnp.int32)
-  logits, cache = model.prefill(m.params, jnp.asarray(padded), lengths, cache, cfg, m.impl)
+  for b in range(2):
+    padded[b, : prompt_len[b]] = seq[b, : prompt_len[b]]
+  lengths = jnp.asarray(prompt_len, jnp.int32)
+  logits, kv = model.prefill(m.params, jnp.asarray(padded), lengths, kv, jnp.asarray(tables), cfg, m.impl)
   steps = [np.asarray(logits)]
-  for t in range(prompt_len, seq.shape[1]):
-    logits, cache = model.decode_step(m.params, jnp.asarray(seq[:, t]), cache, cfg, m.impl)
+  for step in range(seq.shape[1] - prompt_len.max()):
+    pos = prompt_len + step
+    width = -(-int(pos.max() + 1) // 4)
+    logits, kv = model.decode_step(
+      m.params,
+      jnp.asarray(seq[np.arange(2), pos]),
+      kv,
+      jnp.asarray(tables[:, :width]),
+      jnp.asarray(pos, jnp.int32),
+      cfg,
+      m.impl,
+    )
     steps.append(np.asarray(logits))
-  decoded = np.stack(steps, axis=1)  # logits after positions prompt_len-1 .. 13
-  want = full[:, prompt_len - 1 :]
-  np.testing.assert_allclose(decoded, want, atol=2e-5, rtol=0, err_msg=max_abs(decoded, want))
+  decoded = np.stack(steps, axis=1)  # row b: logits after positions prompt_len[b]-1, ...
+  for b in range(2):
+    want = full[b, prompt_len[b] - 1 : prompt_len[b] - 1 + decoded.shape[1]]
+    np.testing.assert_allclose(decoded[b], want, atol=2e-5, rtol=0, err_msg=max_abs(decoded[b], want))
 
 
 def test_mixed_prompt_lengths_equal_each_alone(models):
@@ -98,12 +113,11 @@ def test_modules_variables_are_exactly_the_layout():
   cfg = config.preset("tiny")
   params = layout.init_params(cfg)
   tokens = jnp.zeros((2, 4), jnp.int32)
-  cache = model.init_cache(cfg, 2, 4)
   pos = jnp.zeros((2, 4), jnp.int32)
   for ops, lead in ((model.SingleTenant(), ()), (MixedTenants(jnp.zeros(2, jnp.int32), 3), (3,))):
     smap = params["slot_map"] if not lead else np.stack([params["slot_map"]] * 3)
     init = model.Mixtral(cfg).init
-    variables = jax.eval_shape(init, jax.random.key(0), tokens, pos, cache.k, cache.v, params["experts"], smap, ops)
+    variables = jax.eval_shape(init, jax.random.key(0), tokens, pos, None, None, params["experts"], smap, ops)
     assert set(variables) == {"params"}
     want = layout.backbone_shapes(cfg)
     if lead:

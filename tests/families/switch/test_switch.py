@@ -100,12 +100,18 @@ def test_kv_cache_decoding_equals_full_forward(models, golden):
       switch.forward(params, jnp.asarray(ref["enc_tokens"]), enc_len, jnp.asarray(dec), cfg, model.impl)
     )  # the impl as Model passes it: one compiled program
     enc_out = switch.encode(params, jnp.asarray(enc), enc_len, cfg, model.impl)
-    cache = switch.init_cache(cfg, 2, 64, 16)
-    start, ones = jnp.asarray(dec[:, :1]), jnp.ones((2,), jnp.int32)
-    logits, cache = switch.prefill(params, enc_out, enc_len, start, ones, cache, cfg, model.impl)
+    # Pages of 4 positions, handed out out of order, so rows cross page boundaries through their tables.
+    kv = switch.init_kv(cfg, 1 + 2 * (4 + 4), 4)
+    pages = np.random.default_rng(0).permutation(np.arange(1, 17, dtype=np.int32))
+    tables, cross = jnp.asarray(pages[:8].reshape(2, 4)), jnp.asarray(pages[8:].reshape(2, 4))
+    assert dec[0, 0] == cfg.decoder_start_token_id
+    logits, kv = switch.start(params, enc_out, enc_len, kv, tables, cross, cfg, model.impl)
     steps = [np.asarray(logits)]
     for t in range(1, dec.shape[1]):
-      logits, cache = switch.decode_step(params, jnp.asarray(dec[:, t]), cache, cfg, model.impl)
+      lengths = jnp.full((2,), t, jnp.int32)
+      logits, kv = switch.decode_step(
+        params, jnp.asarray(dec[:, t]), kv, tables, cross, lengths, enc_len, cfg, model.impl
+      )
       steps.append(np.asarray(logits))
   decoded = np.stack(steps, axis=1)
   np.testing.assert_allclose(decoded, full, atol=2e-5, rtol=0, err_msg=max_abs(decoded, full))

@@ -1,0 +1,138 @@
+"""A paged KV cache: fixed-size pages shared by every row, reached through each row's block table.
+
+One pool per cache kind holds the pages of every layer: k and v are
+[M, L * P, Q, H] (kv heads, L layers of P pages, Q positions per page, head
+dim), layer l's page p at index l * P + p. Keeping the layer inside the page
+index lets every layer read and write the whole pool through its block table,
+so neither a scan over layers nor the Pallas kernel copies a layer's pages out.
+Row b's position s lives at page tables[b, s // Q], offset s % Q. Page 0 is a
+scratch page no sequence owns: unused table entries and idle rows point at it.
+
+Attention over pages costs what the table slice given to it holds: callers pass
+tables[:, :n] with n pages enough for the longest row (a few static buckets),
+so a step's work follows the actual lengths, not the configured maximum.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.experimental.pallas.ops.gpu import paged_attention as pallas_paged
+
+from jaxmoe.axes import ArrayLike, Float, Int, checked
+from jaxmoe.nn.attention import causal_mask, gqa_attention
+from jaxmoe.nn.sampling import SamplingParams
+
+SCRATCH_PAGE = 0
+
+
+@struct.dataclass
+class PagedKV:
+  """Keys and values of every layer, in pages."""
+
+  k: jax.Array  # [M, L * P, Q, H]
+  v: jax.Array  # [M, L * P, Q, H]
+  pages_per_layer: int = struct.field(pytree_node=False)
+
+  @property
+  def page_size(self) -> int:
+    return self.k.shape[2]
+
+
+@struct.dataclass
+class Rows:
+  """The decode state of a batch's rows on the device: where their keys are, how long they are, how they sample.
+
+  It changes only when rows change (the engine uploads it then); each decode
+  step advances the lengths and sampling steps of the active rows itself.
+  """
+
+  tables: jax.Array  # [B, n] int32 pages of each row (0: scratch), n a static bucket
+  lengths: jax.Array  # [B] int32 positions filled (the next token goes at this position)
+  active: jax.Array  # [B] bool rows holding a sequence
+  sampling: SamplingParams
+  cross_tables: jax.Array | None = None  # [B, c] encoder-decoder: pages of the encoder keys/values
+  enc_lengths: jax.Array | None = None  # [B] int32 encoder-decoder: valid encoder positions
+
+  def advance(self) -> Rows:
+    return self.replace(
+      lengths=self.lengths + self.active.astype(jnp.int32), sampling=self.sampling.advance(self.active)
+    )
+
+
+def init(num_layers: int, pages_per_layer: int, page_size: int, heads: int, head_dim: int, dtype) -> PagedKV:
+  shape = (heads, num_layers * pages_per_layer, page_size, head_dim)
+  return PagedKV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), pages_per_layer)
+
+
+def page_bytes(num_layers: int, page_size: int, heads: int, head_dim: int, itemsize: int) -> int:
+  """Bytes of one page across every layer, keys and values (what a row's page costs)."""
+  return 2 * num_layers * heads * page_size * head_dim * itemsize
+
+
+def _locate(kv: PagedKV, layer, tables, positions):
+  """Pool page and offset of positions [B, T] of each row, in layer `layer`."""
+  q = kv.page_size
+  pages = jnp.take_along_axis(tables, positions // q, axis=1, mode="clip")  # [B, T]
+  return layer * kv.pages_per_layer + pages, positions % q
+
+
+@checked
+def write(
+  kv: PagedKV,
+  layer,
+  tables: Int[ArrayLike, "B W"],
+  positions: Int[ArrayLike, "B T"],
+  k: Float[jax.Array, "B T M H"],
+  v: Float[jax.Array, "B T M H"],
+) -> PagedKV:
+  """Writes new keys/values [B, T, M, H] at each row's positions [B, T] of layer `layer`."""
+  page, offset = _locate(kv, layer, tables, positions)
+  to_pool = lambda x: jnp.transpose(x, (2, 0, 1, 3)).astype(kv.k.dtype)  # [M, B, T, H]
+  return kv.replace(k=kv.k.at[:, page, offset].set(to_pool(k)), v=kv.v.at[:, page, offset].set(to_pool(v)))
+
+
+def gather(pool: jax.Array, layer, pages_per_layer: int, tables) -> jax.Array:
+  """Layer `layer`'s pages of every row, tables [B, n] -> [B, n * Q, M, H] (only those pages are read)."""
+  rows = pool[:, layer * pages_per_layer + tables]  # [M, B, n, Q, H]
+  m, b, n, q, h = rows.shape
+  return jnp.transpose(rows, (1, 2, 3, 0, 4)).reshape(b, n * q, m, h)
+
+
+@checked
+def attention_reference(
+  q: Float[jax.Array, "B T M G H"],
+  kv: PagedKV,
+  layer,
+  tables: Int[ArrayLike, "B n"],
+  positions: Int[ArrayLike, "B T"],
+  scale: float,
+  window: int | None = None,
+) -> Float[jax.Array, "B T M G H"]:
+  """Grouped-query attention of queries at `positions` over the rows' pages (causal, windowed)."""
+  k = gather(kv.k, layer, kv.pages_per_layer, tables)
+  v = gather(kv.v, layer, kv.pages_per_layer, tables)
+  return gqa_attention(q, k, v, causal_mask(positions, k.shape[1], window), scale)
+
+
+def attention_pallas(q, kv: PagedKV, layer, tables, lengths, scale: float, interpret: bool = False):
+  """One query per row [B, 1, M, G, H] through jax's Pallas (Triton) paged-attention kernel.
+
+  `lengths` [B] counts the keys each row attends to (its position + 1). The
+  kernel has no window and no scale: queries are pre-scaled.
+  """
+  b, t, m, g, h = q.shape
+  n = tables.shape[1]
+  k_splits = min(16, n)
+  out = pallas_paged.paged_attention(
+    (q.reshape(b, m * g, h) * scale).astype(q.dtype),
+    kv.k,
+    kv.v,
+    (layer * kv.pages_per_layer + tables).astype(jnp.int32),
+    lengths.astype(jnp.int32),
+    k_splits=k_splits,
+    pages_per_compute_block=min(8, n // k_splits),
+    interpret=interpret,
+  )
+  return out.reshape(b, t, m, g, h)
