@@ -41,6 +41,27 @@ def define_verify_checksums() -> flags.FlagHolder:
   )
 
 
+DEFAULT_MAX_SEQ_LEN = 512
+
+
+def define_max_seq_len() -> flags.FlagHolder:
+  """--max_seq_len of the serving entry points: unset follows the model (`max_seq_len`)."""
+  return flags.DEFINE_integer(
+    "max_seq_len",
+    None,
+    f"Longest prompt + max_tokens; default {DEFAULT_MAX_SEQ_LEN}, or the model's max_position_embeddings if smaller.",
+  )
+
+
+def max_seq_len(flag: int | None, store) -> int:
+  """The flag's value if given (the engine refuses one above the model's limit), else the default capped by
+  the model's max_position_embeddings: the defaults always start."""
+  if flag is not None:
+    return flag
+  limit = store.config.max_positions
+  return DEFAULT_MAX_SEQ_LEN if limit is None else min(DEFAULT_MAX_SEQ_LEN, limit)
+
+
 def one_line_warnings(prog: str) -> None:
   """Library warnings (a checkpoint without checksums) print as one `prog: warning: ...` line."""
   warnings.formatwarning = lambda message, category, *args, **kwargs: f"{prog}: warning: {message}\n"

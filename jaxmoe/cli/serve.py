@@ -23,16 +23,17 @@ import sys
 from absl import app, flags
 
 from jaxmoe.cli.common import (
+  define_max_seq_len,
   define_moe_impl,
   define_verify_checksums,
   interrupted,
+  max_seq_len,
   one_line_warnings,
   quiet_library_logs,
   terminate_like_interrupt,
 )
 
 PROG = "jaxmoe-serve"
-DEFAULT_MAX_SEQ_LEN = 512
 FLAGS = flags.FLAGS
 flags.DEFINE_string("store", None, "Store folder from jaxmoe-consolidate.")
 flags.DEFINE_string("requests", None, "Input: one JSON request per line.")
@@ -45,11 +46,7 @@ flags.DEFINE_enum(
   "on the device; mixed: batches mix tenants.",
 )
 flags.DEFINE_integer("max_batch", 8, "Sequences decoded together.")
-flags.DEFINE_integer(
-  "max_seq_len",
-  None,
-  f"Longest prompt + max_tokens; default {DEFAULT_MAX_SEQ_LEN}, or the model's max_position_embeddings if smaller.",
-)
+define_max_seq_len()
 flags.DEFINE_float("max_wait_s", 1.0, "swap/resident: how long a tenant may wait before the batch switches to it.")
 define_moe_impl()
 define_verify_checksums()
@@ -108,14 +105,6 @@ def open_out(out: pathlib.Path, direct: bool):
     raise Fatal(f"cannot write --out: {e}") from None
 
 
-def max_seq_len(store) -> int:
-  """--max_seq_len, else the default capped by the model's positions: the default always starts."""
-  if FLAGS.max_seq_len is not None:
-    return FLAGS.max_seq_len
-  limit = store.config.max_positions
-  return DEFAULT_MAX_SEQ_LEN if limit is None else min(DEFAULT_MAX_SEQ_LEN, limit)
-
-
 def build_engine(store):
   from jaxmoe.nn.moe import Impl
   from jaxmoe.serving import Engine, EngineConfig, Mode
@@ -123,7 +112,7 @@ def build_engine(store):
   config = EngineConfig(
     mode=Mode(FLAGS.mode),
     max_batch=FLAGS.max_batch,
-    max_seq_len=max_seq_len(store),
+    max_seq_len=max_seq_len(FLAGS.max_seq_len, store),
     max_wait_s=FLAGS.max_wait_s,
     impl=Impl(FLAGS.moe_impl),
   )

@@ -16,7 +16,14 @@ import sys
 
 from absl import app, flags
 
-from jaxmoe.cli.common import define_moe_impl, quiet_library_logs
+from jaxmoe.cli.common import (
+  define_max_seq_len,
+  define_moe_impl,
+  define_verify_checksums,
+  max_seq_len,
+  one_line_warnings,
+  quiet_library_logs,
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("store", None, "Store folder from jaxmoe-consolidate.")
@@ -28,9 +35,10 @@ flags.DEFINE_enum(
   "on the device; mixed: batches mix tenants.",
 )
 flags.DEFINE_integer("max_batch", 8, "Sequences decoded together.")
-flags.DEFINE_integer("max_seq_len", 512, "Longest prompt + max_tokens.")
+define_max_seq_len()
 flags.DEFINE_float("max_wait_s", 1.0, "swap/resident: how long a tenant may wait before the batch switches to it.")
 define_moe_impl()
+define_verify_checksums()
 flags.DEFINE_string("host", "127.0.0.1", "Address to bind; the default answers this machine only.")
 flags.DEFINE_integer("port", 8000, "Port to bind (0: a free one, printed at start).")
 flags.DEFINE_string(
@@ -58,6 +66,7 @@ def fatal(message: str) -> int:
 def main(argv) -> int:
   del argv
   quiet_library_logs()
+  one_line_warnings("jaxmoe-server")
   import jaxmoe
   from jaxmoe.nn.moe import Impl
   from jaxmoe.server import ServerConfig, create_app
@@ -65,13 +74,13 @@ def main(argv) -> int:
   from jaxmoe.serving import EngineConfig, Mode
 
   try:
-    store = jaxmoe.load_store(FLAGS.store)
+    store = jaxmoe.load_store(FLAGS.store, verify_checksums=FLAGS.verify_checksums)
   except (OSError, ValueError) as e:
     return fatal(f"cannot read --store: {e}")
   engine_config = EngineConfig(
     mode=Mode(FLAGS.mode),
     max_batch=FLAGS.max_batch,
-    max_seq_len=FLAGS.max_seq_len,
+    max_seq_len=max_seq_len(FLAGS.max_seq_len, store),
     max_wait_s=FLAGS.max_wait_s,
     impl=Impl(FLAGS.moe_impl),
   )

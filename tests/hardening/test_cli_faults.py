@@ -127,6 +127,26 @@ def test_serve_to_a_full_disk_exits_2_with_a_message(store_dir, requests_file):
   assert pathlib.Path("/dev/full").is_char_device()  # written to, never replaced
 
 
+def test_server_defaults_follow_the_models_limit_and_an_explicit_one_above_is_refused(store_dir):
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "jaxmoe.cli.server", f"--store={store_dir}", "--port=0"],
+    env=ENV,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    line = proc.stdout.readline()
+    assert "listening on http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+  finally:
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 0
+  assert "Traceback" not in proc.stderr.read()
+  refused = cli("jaxmoe.cli.server", f"--store={store_dir}", "--port=0", "--max_seq_len=512")
+  assert refused.returncode == 2
+  one_line_error(refused, "max_seq_len=512 exceeds the model's max_position_embeddings=128")
+
+
 def start_paused(tmp_path: pathlib.Path, module: str, *args) -> tuple[subprocess.Popen, pathlib.Path]:
   ready = tmp_path / "ready"
   proc = subprocess.Popen(
