@@ -18,6 +18,9 @@ written under --out (results.json, one log per step, the kernel bench's JSON):
            bytes copied to the device)
   mixed    the serving engine at Mixtral widths (L reduced), K = 4 tenants:
            mixed batches against one model alone, tokens/s
+  offload  the same engine with the device expert cache at 100 / 75 / 50% of
+           the pool (one tenant, resident mode; K = 4, mixed): tokens/s, misses,
+           prefetched experts and bytes copied from pinned host memory
 
 A persistent compilation cache (--cache_dir) makes a rerun cheap. --dry_run
 runs the same plan at tiny shapes on any backend (CI runs it on the CPU).
@@ -45,11 +48,11 @@ flags.DEFINE_string("out", None, "Folder for every result (default $OUT/gpu_chec
 flags.DEFINE_bool("dry_run", False, "The same plan at tiny shapes, on any backend.")
 flags.DEFINE_float("budget_s", 480.0, "Overall wall-clock limit; steps past it are skipped and reported.")
 flags.DEFINE_string("cache_dir", None, "Persistent XLA compilation cache (default: <out>/xla_cache).")
-flags.DEFINE_list("steps", ["tests", "kernels", "decode", "swap", "mixed"], "Which steps to run, in order.")
+flags.DEFINE_list("steps", ["tests", "kernels", "decode", "swap", "mixed", "offload"], "Which steps to run, in order.")
 flags.DEFINE_string("child", None, "internal: run one measurement and print its JSON result")
 
 # Seconds per step, within the overall budget.
-LIMITS = {"tests": 90, "kernels": 150, "decode": 120, "swap": 45, "mixed": 75}
+LIMITS = {"tests": 90, "kernels": 150, "decode": 120, "swap": 45, "mixed": 75, "offload": 90}
 
 
 def mixtral_shape(dry_run: bool, layers: int):
@@ -220,7 +223,47 @@ def child_mixed(dry_run: bool) -> dict:
   }
 
 
-CHILDREN = {"decode": child_decode, "swap": child_swap, "mixed": child_mixed}
+def child_offload(dry_run: bool) -> dict:
+  import numpy as np
+
+  from jaxmoe.io.store import expert_bytes
+  from jaxmoe.serving import Engine, EngineConfig, Mode
+  from jaxmoe.serving.experts import min_slots
+
+  host = _host_store(dry_run, 2 if dry_run else 1, 4, 0.25)
+  store, cfg = host.host_memory_store(), host.config
+  pool, expert = int(next(iter(store.pool.values())).shape[0]), expert_bytes(cfg)
+  batch, n, tokens = (4, 4, 3) if dry_run else (8, 16, 16)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, cfg.vocab_size, 16).tolist() for _ in range(n)]
+
+  def run(mode, tenants, share):
+    need = min_slots(store.slot_maps.values(), cfg.num_experts, batch, len(tenants) if mode is Mode.MIXED else 1)
+    slots = pool if share == 1.0 else max(need, round(share * pool))
+    gb = None if slots >= pool else slots * expert / 1e9
+    engine = Engine(store, EngineConfig(mode=mode, max_batch=batch, max_seq_len=64, expert_cache_gb=gb))
+    rates = []
+    for _ in range(2):  # the first run compiles
+      for i in range(n):
+        engine.submit(
+          {"id": f"r{i}", "model": tenants[i % len(tenants)], "max_tokens": tokens, "prompt_ids": prompts[i]}
+        )
+      start = time.perf_counter()
+      out = engine.run_until_done()
+      rates.append(sum(len(o["token_ids"]) for o in out) / (time.perf_counter() - start))
+    s = engine.summary()
+    engine.close()
+    keys = ("expert_cache_misses", "expert_cache_prefetched", "expert_cache_bytes", "expert_cache_s")
+    return {"share": share, "slots": slots, "tokens_per_s": rates[-1], **{k: s.get(k) for k in keys}}
+
+  rows = []
+  for mode, tenants in ((Mode.RESIDENT, store.tenants[:1]), (Mode.MIXED, store.tenants)):
+    for share in (1.0, 0.75, 0.5):
+      rows.append({"mode": mode.value, **run(mode, tenants, share)})
+  return {"pool_slots": pool, "expert_bytes": expert, "layers": cfg.num_layers, "rows": rows}
+
+
+CHILDREN = {"decode": child_decode, "swap": child_swap, "mixed": child_mixed, "offload": child_offload}
 
 
 # ------------------------------------------------------------------ parent

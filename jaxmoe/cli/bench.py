@@ -13,6 +13,7 @@ emulated: jaxmoe/bench/qos/README.md.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import sys
@@ -33,6 +34,12 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_list("systems", None, "Subset of systems to run (default: the profile's; 'single' is always run).")
 flags.DEFINE_string("compile_cache_dir", None, "Persistent XLA compilation cache folder (recommended on GPU).")
+flags.DEFINE_float(
+  "expert_cache_gb",
+  None,
+  "Device bytes for experts (10^9) in every jaxmoe system (default: the whole pool on the device); "
+  "the MIG baseline keeps its own 1/K share of the budget.",
+)
 flags.DEFINE_bool("allow_cpu", False, "Run a GPU profile on a machine without a GPU (slow; for debugging).")
 
 
@@ -70,6 +77,10 @@ def main(argv) -> int:
     return 2
   if FLAGS.dry_run:
     profile = profiles.dry_run(profile)
+  if FLAGS.expert_cache_gb is not None:
+    profile = dataclasses.replace(
+      profile, serve=dataclasses.replace(profile.serve, expert_cache_gb=FLAGS.expert_cache_gb)
+    )
   if profile.platform == "cpu" and getattr(profile, "timer", None) is Timer.PROCESS_CPU:
     single_threaded_cpu()
   if FLAGS.compile_cache_dir:

@@ -81,3 +81,64 @@ def interrupted(prog: str, e: KeyboardInterrupt, what: str) -> int:
   """The message and exit status (130) of a run stopped by a signal."""
   print(f"{prog}: interrupted by {e.args[0] if e.args else 'SIGINT'}; {what}", file=sys.stderr)
   return 130
+
+
+def define_engine_flags() -> None:
+  """The serving engine's flags, the same names on every entry point that runs an engine."""
+  flags.DEFINE_enum(
+    "mode",
+    "mixed",
+    ["swap", "resident", "mixed"],
+    "swap: one backbone on the device, copied in on a tenant switch; resident: all backbones "
+    "on the device; mixed: batches mix tenants.",
+  )
+  flags.DEFINE_integer("max_batch", 8, "Sequences decoded together.")
+  define_max_seq_len()
+  flags.DEFINE_float("max_wait_s", 1.0, "swap/resident: how long a tenant may wait before the batch switches to it.")
+  flags.DEFINE_integer("page_size", 16, "Positions per KV-cache page.")
+  flags.DEFINE_float("kv_cache_gb", None, "KV pages in 10^9 bytes (default: max_batch rows of max_seq_len).")
+  flags.DEFINE_float(
+    "expert_cache_gb",
+    None,
+    "Device bytes for experts in 10^9 (default: the whole pool on the device); the rest stay on the host "
+    "and are copied in when routed.",
+  )
+  flags.DEFINE_float(
+    "host_cache_gb",
+    None,
+    "Host bytes for experts in 10^9 (default: the whole pool in host memory); the rest are read from the "
+    "store's files when needed. Needs --expert_cache_gb.",
+  )
+  flags.DEFINE_list("pinned_tenants", [], "With --expert_cache_gb: tenants whose experts are never evicted.")
+  define_moe_impl()
+  define_verify_checksums()
+
+
+def engine_config(store):
+  """EngineConfig from the flags of `define_engine_flags` for `store` (its model bounds --max_seq_len's default)."""
+  from jaxmoe.nn.moe import Impl
+  from jaxmoe.serving import EngineConfig, Mode
+
+  f = flags.FLAGS
+  return EngineConfig(
+    mode=Mode(f.mode),
+    max_batch=f.max_batch,
+    max_seq_len=max_seq_len(f.max_seq_len, store),
+    max_wait_s=f.max_wait_s,
+    impl=Impl(f.moe_impl),
+    page_size=f.page_size,
+    kv_cache_gb=f.kv_cache_gb,
+    expert_cache_gb=f.expert_cache_gb,
+    pinned_tenants=tuple(f.pinned_tenants),
+  )
+
+
+def load_store(path: str):
+  """The store at `path` (verified unless --noverify_checksums), its pool read lazily from disk when
+  --host_cache_gb bounds host memory."""
+  import jaxmoe
+
+  f = flags.FLAGS
+  if f.host_cache_gb is not None and f.expert_cache_gb is None:
+    raise ValueError("--host_cache_gb needs --expert_cache_gb (a pool read from disk is never all on the device)")
+  return jaxmoe.load_store(path, verify_checksums=f.verify_checksums, host_cache_gb=f.host_cache_gb)

@@ -23,11 +23,10 @@ import sys
 from absl import app, flags
 
 from jaxmoe.cli.common import (
-  define_max_seq_len,
-  define_moe_impl,
-  define_verify_checksums,
+  define_engine_flags,
+  engine_config,
   interrupted,
-  max_seq_len,
+  load_store,
   one_line_warnings,
   quiet_library_logs,
   terminate_like_interrupt,
@@ -38,18 +37,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("store", None, "Store folder from jaxmoe-consolidate.")
 flags.DEFINE_string("requests", None, "Input: one JSON request per line.")
 flags.DEFINE_string("out", None, "Output: one JSON response per input line (replaced at the end; not --requests).")
-flags.DEFINE_enum(
-  "mode",
-  "mixed",
-  ["swap", "resident", "mixed"],
-  "swap: one backbone on the device, copied in on a tenant switch; resident: all backbones "
-  "on the device; mixed: batches mix tenants.",
-)
-flags.DEFINE_integer("max_batch", 8, "Sequences decoded together.")
-define_max_seq_len()
-flags.DEFINE_float("max_wait_s", 1.0, "swap/resident: how long a tenant may wait before the batch switches to it.")
-define_moe_impl()
-define_verify_checksums()
+define_engine_flags()
 flags.DEFINE_bool("progress", True, "Progress bar on stderr.")
 
 
@@ -61,6 +49,13 @@ def format_summary(s: dict) -> str:
   def ms(x):
     return "-" if x is None else f"{1e3 * x:.1f} ms"
 
+  cache = []
+  if "expert_cache_slots" in s:
+    cache = [
+      f"expert cache {s['expert_cache_slots']} of {s['expert_pool_slots']} experts: {s['expert_cache_hits']} hits, "
+      f"{s['expert_cache_misses']} misses, {s['expert_cache_prefetched']} prefetched, "
+      f"{s['expert_cache_bytes'] / 2**20:.1f} MiB copied in {s['expert_cache_s']:.3f} s"
+    ]
   return "\n".join(
     [
       f"mode {s['mode']}: {s['requests']} requests ({s['completed']} served, {s['errors']} errors), "
@@ -69,6 +64,7 @@ def format_summary(s: dict) -> str:
       f"turnaround p50 {ms(s['turnaround_p50_s'])}, p99 {ms(s['turnaround_p99_s'])}",
       f"switches {s['switches']} ({s['switch_bytes'] / 2**20:.1f} MiB, {s['switch_s']:.3f} s); "
       f"compiled programs {s['compilations']}; weights on device {s['device_weight_bytes'] / 2**20:.1f} MiB",
+      *cache,
     ]
   )
 
@@ -106,24 +102,15 @@ def open_out(out: pathlib.Path, direct: bool):
 
 
 def build_engine(store):
-  from jaxmoe.nn.moe import Impl
-  from jaxmoe.serving import Engine, EngineConfig, Mode
+  from jaxmoe.serving import Engine
 
-  config = EngineConfig(
-    mode=Mode(FLAGS.mode),
-    max_batch=FLAGS.max_batch,
-    max_seq_len=max_seq_len(FLAGS.max_seq_len, store),
-    max_wait_s=FLAGS.max_wait_s,
-    impl=Impl(FLAGS.moe_impl),
-  )
   try:
-    return Engine(store, config)
+    return Engine(store, engine_config(store))
   except ValueError as e:
     raise Fatal(str(e)) from None
 
 
 def run_serve() -> dict:
-  import jaxmoe
   from jaxmoe.io import files
   from jaxmoe.serving import requests as req_lib
 
@@ -137,7 +124,7 @@ def run_serve() -> dict:
   except ValueError as e:
     raise Fatal(f"cannot write --out: {e}") from None
   try:
-    store = jaxmoe.load_store(FLAGS.store, verify_checksums=FLAGS.verify_checksums)
+    store = load_store(FLAGS.store)
   except (OSError, ValueError) as e:
     raise Fatal(f"cannot read --store: {e}") from None
   engine = build_engine(store)

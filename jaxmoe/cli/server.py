@@ -16,29 +16,11 @@ import sys
 
 from absl import app, flags
 
-from jaxmoe.cli.common import (
-  define_max_seq_len,
-  define_moe_impl,
-  define_verify_checksums,
-  max_seq_len,
-  one_line_warnings,
-  quiet_library_logs,
-)
+from jaxmoe.cli.common import define_engine_flags, engine_config, load_store, one_line_warnings, quiet_library_logs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("store", None, "Store folder from jaxmoe-consolidate.")
-flags.DEFINE_enum(
-  "mode",
-  "mixed",
-  ["swap", "resident", "mixed"],
-  "swap: one backbone on the device, copied in on a tenant switch; resident: all backbones "
-  "on the device; mixed: batches mix tenants.",
-)
-flags.DEFINE_integer("max_batch", 8, "Sequences decoded together.")
-define_max_seq_len()
-flags.DEFINE_float("max_wait_s", 1.0, "swap/resident: how long a tenant may wait before the batch switches to it.")
-define_moe_impl()
-define_verify_checksums()
+define_engine_flags()
 flags.DEFINE_string("host", "127.0.0.1", "Address to bind; the default answers this machine only.")
 flags.DEFINE_integer("port", 8000, "Port to bind (0: a free one, printed at start).")
 flags.DEFINE_string(
@@ -67,23 +49,13 @@ def main(argv) -> int:
   del argv
   quiet_library_logs()
   one_line_warnings("jaxmoe-server")
-  import jaxmoe
-  from jaxmoe.nn.moe import Impl
   from jaxmoe.server import ServerConfig, create_app
   from jaxmoe.server.run import bind, uvicorn_config
-  from jaxmoe.serving import EngineConfig, Mode
 
   try:
-    store = jaxmoe.load_store(FLAGS.store, verify_checksums=FLAGS.verify_checksums)
+    store = load_store(FLAGS.store)
   except (OSError, ValueError) as e:
     return fatal(f"cannot read --store: {e}")
-  engine_config = EngineConfig(
-    mode=Mode(FLAGS.mode),
-    max_batch=FLAGS.max_batch,
-    max_seq_len=max_seq_len(FLAGS.max_seq_len, store),
-    max_wait_s=FLAGS.max_wait_s,
-    impl=Impl(FLAGS.moe_impl),
-  )
   try:
     config = ServerConfig(
       api_key=FLAGS.api_key or os.environ.get("JAXMOE_API_KEY") or None,
@@ -92,7 +64,7 @@ def main(argv) -> int:
       max_body_bytes=FLAGS.max_body_bytes,
       stream_interval_s=FLAGS.stream_interval_s,
     )
-    asgi = create_app(store, engine_config, config)
+    asgi = create_app(store, engine_config(store), config)
   except ValueError as e:
     return fatal(str(e))
   try:

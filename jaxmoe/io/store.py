@@ -233,21 +233,81 @@ def part_paths(cfg, tenants: list[str]) -> dict[str, tuple[str, str | None]]:
   return out
 
 
+class LazyPool:
+  """A store's pool read lazily out of its per-layer parts, with at most `host_bytes` cached in memory.
+
+  The host tier between the disk and the device expert cache
+  (jaxmoe/serving/experts.py): tensorstore reads only the chunks a slot lives in
+  and keeps recent ones in an LRU cache bounded by `host_bytes`. Slots come back
+  as the MoE boundary takes them (`moe.pack`).
+  """
+
+  def __init__(self, path: pathlib.Path, cfg, slots_per_layer: list[int], host_bytes: int):
+    import tensorstore as ts
+
+    shapes = registry.of(cfg).layout.expert_shapes(cfg, 1)
+    self.leaves = tuple(shapes)
+    self.shapes = {n: tuple(s[1:]) for n, s in shapes.items()}
+    self.dtypes = {n: np.dtype(jax.numpy.dtype(cfg.dtype)) for n in shapes}
+    self.num_slots = int(sum(slots_per_layer))
+    self._layer_of = np.repeat(np.arange(len(slots_per_layer)), slots_per_layer)
+    self._first = np.concatenate([[0], np.cumsum(slots_per_layer)[:-1]]).astype(np.int64)
+    context = ts.Context({"cache_pool": {"total_bytes_limit": int(host_bytes)}})
+    self._arrays = []
+    for i in range(len(slots_per_layer)):
+      folder = path / f"pool/layer_{i:04d}"
+      meta = json.loads((folder / "_METADATA").read_text())
+      driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+      kv = lambda n, folder=folder: {"driver": "ocdbt", "base": f"file://{folder}", "path": n}  # noqa: E731
+      spec = lambda n, driver=driver, kv=kv: {"driver": driver, "kvstore": kv(n)}  # noqa: E731
+      self._arrays.append({n: ts.open(spec(n), open=True, read=True, context=context).result() for n in self.leaves})
+
+  @property
+  def expert_bytes(self) -> int:
+    return int(sum(np.prod(s) * self.dtypes[n].itemsize for n, s in self.shapes.items()))
+
+  def read(self, slots) -> dict[str, list]:
+    """Host arrays of pool `slots`, per leaf."""
+    out = {n: [] for n in self.leaves}
+    for s in slots:
+      layer = int(self._layer_of[int(s)])
+      local = int(s) - int(self._first[layer])
+      for n in self.leaves:
+        out[n].append(moe.pack({n: self._arrays[layer][n][local].read().result()})[n])
+    return out
+
+
 class Store:
   """A loaded store: host arrays in the served layout, plus one device copy of the pool for its models."""
 
-  def __init__(self, path: pathlib.Path, metadata: dict, pool: dict, backbones: dict[str, Params]):
+  def __init__(
+    self, path: pathlib.Path, metadata: dict, pool: dict | None, backbones: dict[str, Params], host_pool=None
+  ):
     self.path = path
     self.metadata = metadata
     self.config = registry.config_from_dict(metadata["config"])
     self.family = registry.of(self.config)
     self.tenants: list[str] = list(metadata["tenants"])
     self.slots_per_layer: list[int] = list(metadata["slots_per_layer"])
-    self.pool = pool  # {leaf: [X, ...]} over every MoE layer
+    self._pool = pool  # {leaf: [X, ...]} over every MoE layer; None while read lazily
+    self.host_pool: LazyPool | None = host_pool
     self.backbones = backbones
     self.slot_maps = {t: base.global_slot_map(metadata["slot_maps"][t], self.slots_per_layer) for t in self.tenants}
     self._device_pool = None
     self._models: dict[tuple[str, Impl], object] = {}
+
+  @property
+  def pool(self) -> dict:
+    """The whole pool in host memory (a lazily read store reads it all now, once)."""
+    if self._pool is None:
+      lazy = self.host_pool
+      packed = {n: np.stack(v) for n, v in lazy.read(range(lazy.num_slots)).items()}
+      self._pool = {n: w.view(lazy.dtypes[n]) if w.dtype != lazy.dtypes[n] else w for n, w in packed.items()}
+    return self._pool
+
+  def pool_bytes(self) -> int:
+    lazy = self.host_pool
+    return lazy.num_slots * lazy.expert_bytes if lazy is not None else trees.tree_bytes(self._pool)
 
   def params(self, name: str) -> Params:
     """Tenant `name` in the served layout, over the host pool."""
@@ -287,13 +347,19 @@ class Store:
     return name
 
 
-def load_store(path: str | os.PathLike, verify_checksums: bool = True) -> Store:
+def load_store(path: str | os.PathLike, verify_checksums: bool = True, host_cache_gb: float | None = None) -> Store:
   """Reads a store (from `jaxmoe-consolidate`) into host memory.
 
   StoreError names the file of anything damaged; with `verify_checksums` (the
   default) every part's recorded checksum is compared and its values checked
-  finite.
+  finite. With `host_cache_gb`, the expert pool is not kept: it stays in the
+  store's files, read lazily slot by slot (`LazyPool`) with at most that many
+  10^9 bytes cached in host memory, for an engine whose device expert cache
+  holds the experts in use (EngineConfig.expert_cache_gb); its parts are still
+  verified at load, one layer in memory at a time. Backbones are always read.
   """
+  if host_cache_gb is not None and not host_cache_gb > 0:
+    raise ValueError(f"host_cache_gb={host_cache_gb} must be > 0")
   path = pathlib.Path(path).absolute()
   header = read_store_header(path)
   cfg = registry.config_from_dict(header["config"])
@@ -308,15 +374,26 @@ def load_store(path: str | os.PathLike, verify_checksums: bool = True) -> Store:
       recorded = None if sums is None else sums[rel]
       return integrity.read_tree(ckptr, path / rel, target, recorded, verify_checksums, StoreError)
 
-    pool_parts = [read(f"pool/layer_{i:04d}", targets[name]["experts"]) for i, name in enumerate(layout.moe_parts(cfg))]
-    pool = {n: np.concatenate([p[n] for p in pool_parts]) for n in pool_parts[0]}
-    del pool_parts
+    pool, lazy = None, None
+    pool_parts = [(f"pool/layer_{i:04d}", targets[name]["experts"]) for i, name in enumerate(layout.moe_parts(cfg))]
+    if host_cache_gb is None:
+      parts = [read(rel, target) for rel, target in pool_parts]
+      pool = {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+      del parts
+    else:
+      if verify_checksums:  # each part read once, then dropped: host memory stays one layer over the cache
+        for rel, target in pool_parts:
+          read(rel, target)
+      lazy = LazyPool(path, cfg, header["slots_per_layer"], int(host_cache_gb * 1e9))
     bb_targets = {part: tree if part == "globals" else tree["backbone"] for part, tree in targets.items()}
     backbones = {
       t: layout.join_backbone(cfg, {part: read(f"backbones/{t}/{part}", tree) for part, tree in bb_targets.items()})
       for t in header["tenants"]
     }
-  store = Store(path, header, pool, backbones)
+  store = Store(path, header, pool, backbones, lazy)
+  experts = (
+    pool if lazy is None else trees.abstract(layout.expert_shapes(cfg, int(sum(header["slots_per_layer"]))), cfg.dtype)
+  )
   for t in store.tenants:
-    layout.check_params(cfg, store.params(t))
+    layout.check_params(cfg, {"backbone": backbones[t], "experts": experts, "slot_map": store.slot_maps[t]})
   return store

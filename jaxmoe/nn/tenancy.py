@@ -113,3 +113,10 @@ class MixedTenants:
 
 
 Tenancy = SingleTenant | MixedTenants
+
+
+def slot_row(slot_map, layer, ops: Tenancy):
+  """MoE layer `layer`'s row of slot_map ([L, E], or [A, L, E] stacked; layer may be traced): [E], or per
+  row [B, E]."""
+  row = jax.lax.dynamic_index_in_dim(slot_map, layer, axis=0 if slot_map.ndim == 2 else 1, keepdims=False)
+  return ops.rows(row)

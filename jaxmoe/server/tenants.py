@@ -50,7 +50,7 @@ class Tenants:
     self.mode = mode
     self.meta = getattr(store, "metadata", None) or {}
     self.architecture = store.config.architecture
-    self.pool_bytes = tree_bytes(store.pool)
+    self.pool_bytes = store.pool_bytes() if hasattr(store, "pool_bytes") else tree_bytes(store.pool)
     self.backbone_bytes = {t: tree_bytes(store.backbones[t]) for t in self.names}
     self.shared_fraction = shared_fractions(store.slot_maps)
     self.experts = {t: int(np.asarray(store.slot_maps[t]).size) for t in self.names}

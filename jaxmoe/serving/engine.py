@@ -46,13 +46,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe import buckets
+from jaxmoe import buckets, trees
 from jaxmoe.devices import free, to_device
 from jaxmoe.errors import RequestError
 from jaxmoe.families import registry
 from jaxmoe.nn.moe import Impl
 from jaxmoe.nn.sampling import SamplingParams
 from jaxmoe.nn.tenancy import MixedTenants, SingleTenant
+from jaxmoe.serving import experts
 from jaxmoe.serving import requests as req_lib
 from jaxmoe.serving.detok import TextStream
 from jaxmoe.serving.pages import HostRows, PageAllocator, pages_for
@@ -75,6 +76,8 @@ class EngineConfig:
   impl: Impl = Impl.AUTO
   page_size: int = 16  # positions per KV-cache page
   kv_cache_gb: float | None = None  # KV pool size in 10^9 bytes; None: max_batch rows of max_seq_len
+  expert_cache_gb: float | None = None  # device bytes for experts (10^9); None: the whole pool on the device
+  pinned_tenants: tuple[str, ...] = ()  # with an expert cache: tenants whose experts are never evicted
   history: int = 10_000  # recent requests the summary's percentiles cover (memory stays bounded)
 
 
@@ -93,7 +96,11 @@ class Engine:
     _check_config(config, self.cfg)
     self.family = registry.of(self.cfg).engine
     self.tokenizer = tokenizer if tokenizer is not None else getattr(store, "tokenizer", None)
-    self.weights = make_weights(config.mode, store)
+    self.weights = make_weights(config.mode, store, self._cache_slots(store))
+    for tenant in config.pinned_tenants:
+      if self.weights.cache is None or tenant not in self.weights.index:
+        raise ValueError(f"pinned_tenants: {tenant!r} is not a tenant of this store, or there is no expert cache")
+      self.weights.cache.pin(store.slot_maps[tenant])
     q = config.page_size
     width = pages_for(config.max_seq_len, q)
     cross_width = width if self.family.cross else 0
@@ -113,6 +120,27 @@ class Engine:
     self.started = clock()
     self.decode_steps = 0
     self._compiled_at_start = compilations()
+
+  def _cache_slots(self, store) -> int | None:
+    """Experts the device cache holds for expert_cache_gb (None: the whole pool); refuses too small a cache."""
+    gb = self.config.expert_cache_gb
+    if gb is None:
+      return None
+    if not gb > 0:
+      raise ValueError(f"expert_cache_gb={gb} must be > 0")
+    layout = registry.of(self.cfg).layout
+    expert = tree_bytes(trees.abstract(layout.expert_shapes(self.cfg, 1), self.cfg.dtype))
+    tenants = len(store.tenants) if self.config.mode is Mode.MIXED else 1
+    maps = [store.slot_maps[t] for t in store.tenants]
+    need = experts.min_slots(maps, self.cfg.num_experts, self.config.max_batch, tenants)
+    slots = int(gb * 1e9 // expert)
+    if slots < need:
+      raise ValueError(
+        f"expert_cache_gb={gb:g} holds {slots} experts of {expert / 1e6:.3g} MB; one layer's worst case "
+        f"needs {need} (up to {self.cfg.num_experts} per tenant of a batch): at least expert_cache_gb="
+        f"{need * expert / 1e9:.4g}"
+      )
+    return slots
 
   # Requests in.
   def check(self, request: Request | dict, default_id: str = "request") -> tuple[Request, list[int]]:
@@ -297,7 +325,9 @@ class Engine:
     params, ops = self._params_and_ops(list(seqs) + [None] * (nb - len(seqs)))
     admission = to_device(family.admission_rows(tables, cross, lengths, sp))
     try:
-      first, self.kv, _ = family.admit(params, jnp.asarray(tokens), self.kv, admission, self.cfg, cfg.impl, ops)
+      first, self.kv, _ = family.admit(
+        params, jnp.asarray(tokens), self.kv, admission, self.cfg, cfg.impl, ops, cache=self.weights.cache
+      )
       first = np.asarray(first)
     except Exception as e:  # noqa: BLE001  a failed program fails its own requests, nothing else
       self._device_failure(seqs, e)
@@ -331,7 +361,14 @@ class Engine:
     params, ops = self._params_and_ops(self.rows)
     try:
       nxt, self.kv, self._rows_on_device = self.family.decode(
-        params, jnp.asarray(tokens), self.kv, self._rows_on_device, self.cfg, self.config.impl, ops
+        params,
+        jnp.asarray(tokens),
+        self.kv,
+        self._rows_on_device,
+        self.cfg,
+        self.config.impl,
+        ops,
+        cache=self.weights.cache,
       )
       nxt = np.asarray(nxt)
     except Exception as e:  # noqa: BLE001  the step's rows cannot be told apart: all of them fail
@@ -428,6 +465,23 @@ class Engine:
       "requests": self.served.requests,
       "errors": self.served.errors,
       "completion_tokens": self.served.completion_tokens,
+      **self._cache_stats(),
+    }
+
+  def _cache_stats(self) -> dict:
+    cache = self.weights.cache
+    if cache is None:
+      return {}
+    st = cache.stats
+    return {
+      "expert_cache_slots": cache.capacity,
+      "expert_pool_slots": cache.host.num_slots,
+      "expert_cache_hits": st.hits,
+      "expert_cache_misses": st.misses,
+      "expert_cache_bytes": st.bytes,
+      "expert_cache_s": st.seconds,
+      "expert_cache_prefetched": st.prefetched,
+      "expert_cache_occupancy": cache.occupancy(self.weights.host_slot_maps),
     }
 
   def close(self) -> None:
@@ -458,6 +512,7 @@ class Engine:
       "compilations": compilations() - self._compiled_at_start,
       "device_weight_bytes": self.weights.device_bytes(),
       "kv_bytes": tree_bytes(self.kv),
+      **self._cache_stats(),
     }
 
 

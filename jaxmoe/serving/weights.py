@@ -1,7 +1,9 @@
 """Where tenants' weights live on the device in each serving mode.
 
-All modes keep the shared expert pool on the device once. They differ in the
-backbones (the per-tenant non-expert layers, routers included):
+All modes keep the shared expert pool on the device once, or, with an expert
+cache smaller than the pool, the experts in use (jaxmoe/serving/experts.py).
+They differ in the backbones (the per-tenant non-expert layers, routers
+included):
   swap      one backbone on the device; a switch copies the next one in from
             staged host buffers (pinned host memory where the platform has it)
   resident  every backbone on the device; a switch moves no bytes
@@ -21,6 +23,7 @@ import numpy as np
 from jaxmoe.devices import free, pinned_host_sharding, to_device
 from jaxmoe.families import base, registry
 from jaxmoe.nn import moe
+from jaxmoe.serving.experts import ArrayPool, ExpertCache
 from jaxmoe.trees import tree_bytes
 
 
@@ -46,11 +49,17 @@ class TenantWeights:
 
   mode: Mode
 
-  def __init__(self, store):
+  def __init__(self, store, cache_slots: int | None = None):
     self.tenants = list(store.tenants)
     self.index = {name: i for i, name in enumerate(self.tenants)}
-    self.pool = to_device(moe.pack(store.pool))
-    self.slot_maps = {t: to_device(np.asarray(store.slot_maps[t], np.int32)) for t in self.tenants}
+    lazy = getattr(store, "host_pool", None)  # a store read lazily off disk (io/store.py)
+    total = lazy.num_slots if lazy is not None else moe.num_slots(store.pool)
+    if cache_slots is None or cache_slots >= total:
+      self.pool, self.cache = to_device(moe.pack(store.pool)), None
+    else:  # the pool stays on the host; a device cache holds the experts in use
+      self.pool, self.cache = None, ExpertCache(lazy if lazy is not None else ArrayPool(store.pool), cache_slots)
+    self.host_slot_maps = {t: np.asarray(store.slot_maps[t], np.int32) for t in self.tenants}
+    self.slot_maps = {t: to_device(m) for t, m in self.host_slot_maps.items()}
     self.stats = SwitchStats()
     self.active: str | None = None
 
@@ -68,6 +77,10 @@ class TenantWeights:
   def device_bytes(self) -> int:
     raise NotImplementedError
 
+  def expert_bytes(self) -> int:
+    """Device bytes of experts: the whole pool, or the cache's buffers."""
+    return tree_bytes(self.pool) if self.cache is None else tree_bytes(self.cache.buffers)
+
   def close(self) -> None:
     """Frees every device buffer these weights hold."""
     free(list(vars(self).values()))
@@ -76,8 +89,8 @@ class TenantWeights:
 class ResidentWeights(TenantWeights):
   mode = Mode.RESIDENT
 
-  def __init__(self, store):
-    super().__init__(store)
+  def __init__(self, store, cache_slots: int | None = None):
+    super().__init__(store, cache_slots)
     self.backbones = {t: to_device(store.backbones[t]) for t in self.tenants}
 
   def params(self, tenant: str) -> dict:
@@ -87,14 +100,14 @@ class ResidentWeights(TenantWeights):
     return {"backbone": self.backbones[tenant], "experts": self.pool, "slot_map": self.slot_maps[tenant]}
 
   def device_bytes(self) -> int:
-    return tree_bytes(self.pool) + tree_bytes(self.backbones)
+    return self.expert_bytes() + tree_bytes(self.backbones)
 
 
 class SwapWeights(TenantWeights):
   mode = Mode.SWAP
 
-  def __init__(self, store):
-    super().__init__(store)
+  def __init__(self, store, cache_slots: int | None = None):
+    super().__init__(store, cache_slots)
     host = pinned_host_sharding()
     stage = (lambda x: jax.device_put(x, host)) if host is not None else np.asarray
     self.host = {t: jax.tree.map(stage, store.backbones[t]) for t in self.tenants}
@@ -127,7 +140,7 @@ class SwapWeights(TenantWeights):
     self.active = tenant
 
   def device_bytes(self) -> int:
-    return tree_bytes(self.pool) + (tree_bytes(self.device_backbone) if self.device_backbone is not None else 0)
+    return self.expert_bytes() + (tree_bytes(self.device_backbone) if self.device_backbone is not None else 0)
 
   def resident(self, tenant: str) -> bool:
     return tenant == self.active
@@ -136,8 +149,8 @@ class SwapWeights(TenantWeights):
 class MixedWeights(TenantWeights):
   mode = Mode.MIXED
 
-  def __init__(self, store):
-    super().__init__(store)
+  def __init__(self, store, cache_slots: int | None = None):
+    super().__init__(store, cache_slots)
     scanned = registry.of(store.config).layout.SCANNED
     stacked = base.stack_tenants(scanned, [store.backbones[t] for t in self.tenants])
     self.stacked = {
@@ -147,8 +160,9 @@ class MixedWeights(TenantWeights):
     }
 
   def device_bytes(self) -> int:
-    return tree_bytes(self.pool) + tree_bytes(self.stacked["backbone"])
+    return self.expert_bytes() + tree_bytes(self.stacked["backbone"])
 
 
-def make_weights(mode: Mode, store) -> TenantWeights:
-  return {Mode.SWAP: SwapWeights, Mode.RESIDENT: ResidentWeights, Mode.MIXED: MixedWeights}[mode](store)
+def make_weights(mode: Mode, store, cache_slots: int | None = None) -> TenantWeights:
+  cls = {Mode.SWAP: SwapWeights, Mode.RESIDENT: ResidentWeights, Mode.MIXED: MixedWeights}[mode]
+  return cls(store, cache_slots)

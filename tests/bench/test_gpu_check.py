@@ -16,8 +16,10 @@ def test_dry_run_runs_every_step(tmp_path):
   doc = json.loads((tmp_path / "results.json").read_text())
   assert {"card", "date", "versions"} <= set(doc["environment"]) and doc["dry_run"]
   steps = doc["steps"]
-  assert list(steps) == ["tests", "kernels", "decode", "swap", "mixed"]
+  assert list(steps) == ["tests", "kernels", "decode", "swap", "mixed", "offload"]
   assert all(s["status"] == "ok" for s in steps.values()), {k: s.get("stderr_tail", s) for k, s in steps.items()}
   assert all(r["per_layer_ms"] > 0 for r in steps["decode"]["result"]["rows"])
   assert steps["swap"]["result"]["switch_s"] > 0 and steps["mixed"]["result"]["ratio"] > 0
   assert list(tmp_path.glob("kernels-*-small.json"))
+  rows = steps["offload"]["result"]["rows"]
+  assert all(r["tokens_per_s"] > 0 for r in rows) and any(r["expert_cache_misses"] for r in rows)

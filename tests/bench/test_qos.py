@@ -11,13 +11,14 @@ import csv
 import dataclasses
 import json
 import math
+import types
 
 import numpy as np
 import pytest
 
 from jaxmoe.bench.qos import metrics, profiles
 from jaxmoe.bench.qos.driver import LaneClock, Record, drive
-from jaxmoe.bench.qos.mig import Fetcher, expected_hits, spill_counts
+from jaxmoe.bench.qos.mig import slice_experts
 from jaxmoe.bench.qos.profiles import Sweep
 from jaxmoe.bench.qos.workload import (
   Arrival,
@@ -154,24 +155,13 @@ def test_drive_is_open_loop_and_fast_forwards_idle_gaps():
 
 
 # MIG emulation.
-def test_spill_counts_and_expected_hits():
-  assert spill_counts(4, 8, slice_bytes=100 + 32 * 10, backbone_bytes=100, expert_bytes=10) == [0] * 4
-  assert spill_counts(4, 8, 100 + 25 * 10 + 9, backbone_bytes=100, expert_bytes=10) == [2, 2, 2, 1]
+def test_a_slice_holds_the_experts_that_fit_beside_its_backbone():
+  cfg = types.SimpleNamespace(num_experts=8)
+  assert slice_experts(cfg, slice_bytes=100 + 25 * 10 + 9, backbone_bytes=100, expert_bytes=10) == 25
   with pytest.raises(ValueError, match="backbone"):
-    spill_counts(4, 8, 99, 100, 10)
-  assert expected_hits([2, 2], 0, 2, 8) == 0.0
-  assert expected_hits([2, 2], 1, 2, 8) == pytest.approx(4 * 0.25)
-  assert expected_hits([2, 2], 1000, 2, 8) == pytest.approx(4.0)
-
-
-def test_fetcher_copies_the_expected_number_of_experts():
-  arrays = [tuple(np.full((4, 4), e, np.float32) for _ in range(3)) for e in range(5)]
-  fetcher = Fetcher(arrays, [3, 2], top_k=2, num_experts=8)
-  for n in [1, 3, 0, 2, 1, 1, 5]:
-    fetcher.fetch(n)
-  want = sum(expected_hits([3, 2], n, 2, 8) for n in [1, 3, 0, 2, 1, 1, 5])
-  assert fetcher.stats.experts == int(want)  # the fraction carries over
-  assert fetcher.stats.bytes == fetcher.stats.experts * 3 * 4 * 4 * 4
+    slice_experts(cfg, 99, 100, 10)
+  with pytest.raises(ValueError, match="one layer needs 8"):
+    slice_experts(cfg, 100 + 7 * 10, 100, 10)
 
 
 # Profiles.

@@ -14,6 +14,8 @@ import jaxmoe
 from jaxmoe.consolidate.pipeline import ConsolidateConfig, consolidate
 from jaxmoe.families.mixtral import config
 from jaxmoe.io import checkpoint
+from jaxmoe.io.store import expert_bytes
+from jaxmoe.serving.experts import min_slots
 from jaxmoe.serving.synthetic import synthetic_store
 from tests.helpers import REPO as ROOT
 
@@ -88,3 +90,25 @@ def test_serve_cli_fatal_errors_exit_2(store_dir, tmp_path):
   assert no_out.returncode == 2 and "cannot write --out" in no_out.stderr
   no_in = run_serve(f"--store={store_dir}", f"--requests={tmp_path / 'none.jsonl'}", f"--out={tmp_path / 'o2'}")
   assert no_in.returncode == 2 and "cannot read --requests" in no_in.stderr
+
+
+def test_serve_cli_with_experts_off_the_device_and_out_of_host_memory(store_dir, tmp_path):
+  store = jaxmoe.load_store(store_dir)
+  reqs = [{"id": f"g{i}", "model": store.tenants[i % 3], "prompt": f"offload {i}", "max_tokens": 4} for i in range(4)]
+  requests = tmp_path / "in.jsonl"
+  requests.write_text("".join(json.dumps(r) + "\n" for r in reqs))
+  common = [f"--store={store_dir}", f"--requests={requests}", "--mode=mixed", "--max_batch=2", "--max_seq_len=32"]
+  whole = run_serve(*common, f"--out={tmp_path / 'whole.jsonl'}")
+  assert whole.returncode == 0, whole.stderr
+  expert = expert_bytes(store.config)
+  slots = min_slots(store.slot_maps.values(), store.config.num_experts, rows=2, tenants=3)  # the engine's minimum
+  gb = f"--expert_cache_gb={slots * expert / 1e9}"
+  cached = run_serve(*common, f"--out={tmp_path / 'cached.jsonl'}", gb, f"--host_cache_gb={4 * expert / 1e9}")
+  assert cached.returncode == 0, cached.stderr
+  assert f"expert cache {slots} of {sum(store.slots_per_layer)} experts" in cached.stdout
+  read = lambda name: {r["id"]: r["token_ids"] for r in map(json.loads, (tmp_path / name).read_text().splitlines())}  # noqa: E731
+  assert read("cached.jsonl") == read("whole.jsonl")
+  small = run_serve(*common, f"--out={tmp_path / 'o'}", f"--expert_cache_gb={(slots - 1) * expert / 1e9}")
+  assert small.returncode == 2 and "at least expert_cache_gb=" in small.stderr
+  lone = run_serve(*common, f"--out={tmp_path / 'o'}", f"--host_cache_gb={4 * expert / 1e9}")
+  assert lone.returncode == 2 and "--host_cache_gb needs --expert_cache_gb" in lone.stderr

@@ -197,7 +197,11 @@ def test_a_damaged_store_is_refused_unless_the_check_is_skipped(ckpts, tmp_path)
   with pytest.raises(StoreError, match="checksum mismatch") as e:
     jaxmoe.load_store(out)
   assert "pool/layer_0001" in one_line(e)
+  with pytest.raises(StoreError, match="checksum mismatch") as e:  # a pool read lazily is verified at load too
+    jaxmoe.load_store(out, host_cache_gb=0.01)
+  assert "pool/layer_0001" in one_line(e)
   assert jaxmoe.load_store(out, verify_checksums=False).tenants == ["a", "b"]
+  assert jaxmoe.load_store(out, verify_checksums=False, host_cache_gb=0.01).host_pool is not None
   (out / "store.json").write_text('{"kind": "jaxmoe-store", "format": 1, "config": {"num_heads": "x"}}')
   with pytest.raises(StoreError) as e:
     jaxmoe.load_store(out)

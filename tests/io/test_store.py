@@ -13,6 +13,7 @@ from jaxmoe.errors import StoreError
 from jaxmoe.families.mixtral import config, layout
 from jaxmoe.io import checkpoint
 from jaxmoe.io.store import load_store, store_writer
+from jaxmoe.trees import tree_bytes
 
 CFG = config.preset("tiny")
 NAMES = ("a", "b")
@@ -117,3 +118,28 @@ def test_checkpoint_reader_reads_what_load_reads(tmp_path, tenants):
   np.testing.assert_array_equal(glob["embed"], params["backbone"]["embed"])
   want = ({k: v[1] for k, v in params["backbone"]["layers"].items()}, {k: v[4:8] for k, v in params["experts"].items()})
   jax.tree.map(np.testing.assert_array_equal, (layer["backbone"], layer["experts"]), want)
+
+
+def test_a_lazily_read_pool_serves_as_the_loaded_one_without_reading_it_all(store):
+  from jaxmoe.serving import Engine, EngineConfig, Mode
+
+  lazy = load_store(store.path, host_cache_gb=1e-4)  # 100 kB of host cache: a few experts
+  assert lazy._pool is None and lazy.pool_bytes() == tree_bytes(store.pool)
+  got = lazy.host_pool.read([0, 4, 8])
+  for n in ("w1", "w3", "w2"):
+    np.testing.assert_array_equal(np.stack(got[n]), store.pool[n][[0, 4, 8]])
+  reqs = [
+    {"id": f"r{i}", "model": NAMES[i % 2], "prompt_ids": [3, 1, 4, 1, 5][: i + 1], "max_tokens": 4} for i in range(4)
+  ]
+
+  def serve(s, gb):
+    engine = Engine(s, EngineConfig(max_seq_len=16, page_size=4, max_batch=2, mode=Mode.MIXED, expert_cache_gb=gb))
+    for r in reqs:
+      engine.submit(r)
+    return {o["id"]: o["token_ids"] for o in engine.run_until_done()}
+
+  gb = 8 * lazy.host_pool.expert_bytes / 1e9  # 8 of 9 slots on the device
+  assert serve(lazy, gb) == serve(store, None)
+  assert lazy._pool is None  # served without the whole pool in host memory
+  with pytest.raises(ValueError, match="host_cache_gb"):
+    load_store(store.path, host_cache_gb=0)

@@ -128,6 +128,13 @@ class HostStore:
     maps = {t: base.global_slot_map(m, sizes) for t, m in self.slot_maps.items()}
     return MemoryStore(self.config, list(self.tenants), pool, dict(self.backbones), maps)
 
+  def host_memory_store(self) -> MemoryStore:
+    """The consolidated pool left in host memory, for an engine with a device expert cache."""
+    pool = {w: np.concatenate([np.stack(layer[w]) for layer in self.slots]) for w in EXPERT_NAMES}
+    sizes = [len(layer[EXPERT_NAMES[0]]) for layer in self.slots]
+    maps = {t: base.global_slot_map(m, sizes) for t, m in self.slot_maps.items()}
+    return MemoryStore(self.config, list(self.tenants), pool, dict(self.backbones), maps)
+
   def load_tenant(self, tenant: str) -> dict:
     """`tenant`'s whole model copied onto the device (identity slot map); blocks until it is there."""
     smap = self.slot_maps[tenant]
@@ -141,6 +148,13 @@ class HostStore:
       "slot_map": jax.device_put(identity_slot_map(self.config), default_sharding()),
     }
     return jax.block_until_ready(params)
+
+
+def host_tenant(host: HostStore, tenant: str) -> dict:
+  """`tenant`'s whole model in host memory (identity slot map), for an engine that offloads its experts."""
+  smap = host.slot_maps[tenant]
+  experts = {w: np.stack([layer[w][s] for i, layer in enumerate(host.slots) for s in smap[i]]) for w in EXPERT_NAMES}
+  return {"backbone": host.backbones[tenant], "experts": experts, "slot_map": identity_slot_map(host.config)}
 
 
 def expert_shapes_tree(cfg: MixtralConfig) -> dict:

@@ -35,10 +35,16 @@ class ServeSpec:
   max_seq_len: int = 128
   max_wait_s: float = 0.05  # swap, resident, full-swap: longest another tenant waits before a switch
   impl: Impl = Impl.AUTO
+  expert_cache_gb: float | None = None  # device bytes for experts (10^9); None: every pool on the device
 
   def engine_config(self, mode: Mode = Mode.MIXED) -> EngineConfig:
     return EngineConfig(
-      mode=mode, max_batch=self.max_batch, max_seq_len=self.max_seq_len, max_wait_s=self.max_wait_s, impl=self.impl
+      mode=mode,
+      max_batch=self.max_batch,
+      max_seq_len=self.max_seq_len,
+      max_wait_s=self.max_wait_s,
+      impl=self.impl,
+      expert_cache_gb=self.expert_cache_gb,
     )
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.errors import RequestError
-from jaxmoe.families.mixtral import model
+from jaxmoe.families.mixtral import model, stepped
 from jaxmoe.nn import paged, sampling
 from jaxmoe.nn.moe import Impl
 
@@ -35,10 +36,40 @@ def decode(params, tokens, kv: paged.PagedKV, rows: paged.Rows, cfg, impl: Impl,
   return sampling.select(logits, rows.sampling), kv, rows.advance()
 
 
+@jax.jit
+def _sample_first(logits, rows: paged.Rows):
+  return sampling.select(logits[:, 0], rows.sampling), rows.replace(sampling=rows.sampling.advance(rows.active))
+
+
+@jax.jit
+def _sample_next(logits, rows: paged.Rows):
+  return sampling.select(logits[:, 0], rows.sampling), rows.advance()
+
+
+def admit_stepped(params, tokens, kv, rows: paged.Rows, cache, cfg, impl: Impl, ops):
+  """`admit`, one layer at a time, each layer's routed experts made resident in `cache` first."""
+  b, t = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  logits, kv = stepped.run(
+    params, tokens, positions, kv, rows.tables, cache, cfg, impl, ops, decode=False, logits_at=rows.lengths - 1
+  )
+  nxt, rows = _sample_first(logits, rows)
+  return nxt, kv, rows
+
+
+def decode_stepped(params, tokens, kv, rows: paged.Rows, cache, cfg, impl: Impl, ops):
+  """`decode`, one layer at a time, each layer's routed experts made resident in `cache` first."""
+  logits, kv = stepped.run(
+    params, tokens[:, None], rows.lengths[:, None], kv, rows.tables, cache, cfg, impl, ops, decode=True
+  )
+  nxt, rows = _sample_next(logits, rows)
+  return nxt, kv, rows
+
+
 class DecoderOnly:
   """Engine hooks for Mixtral."""
 
-  jitted = (admit, decode)
+  jitted = (admit, decode, stepped.attend_layer, stepped.experts_layer, _sample_first, _sample_next)
   cross = False  # no encoder pages
 
   def init_kv(self, cfg, pages_per_layer: int, page_size: int) -> paged.PagedKV:
@@ -68,8 +99,12 @@ class DecoderOnly:
         f"{prompt_len}-token prompt (max_seq_len={limit})"
       )
 
-  def admit(self, params, tokens, kv, rows, cfg, impl: Impl, ops):
+  def admit(self, params, tokens, kv, rows, cfg, impl: Impl, ops, cache=None):
+    if cache is not None:
+      return admit_stepped(params, tokens, kv, rows, cache, cfg, impl, ops)
     return admit(params, tokens, kv, rows, cfg, impl, ops)
 
-  def decode(self, params, tokens, kv, rows, cfg, impl: Impl, ops):
+  def decode(self, params, tokens, kv, rows, cfg, impl: Impl, ops, cache=None):
+    if cache is not None:
+      return decode_stepped(params, tokens, kv, rows, cache, cfg, impl, ops)
     return decode(params, tokens, kv, rows, cfg, impl, ops)

@@ -57,6 +57,10 @@ def _init(name: str, dtype):
   return lambda key, shape: base(key, shape, dtype)
 
 
+def _shape(tenants: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+  return (tenants, *shape) if tenants else shape
+
+
 @flax.struct.dataclass
 class Context:
   """What every layer of one call reads: positions, RoPE tables, masks, pages, the pool, the weight access."""
@@ -66,8 +70,14 @@ class Context:
   sin: jax.Array  # [B, T, H]
   mask: jax.Array | None  # [B, T, T] over the call's own keys (None when attending over pages)
   tables: jax.Array | None  # [B, n] block tables of the paged cache (None: no cache)
-  pool: dict  # {w1, w3, w2} [X, ...]
+  pool: dict | None  # {w1, w3, w2} [X, ...] (None: a stage without experts)
   ops: Any  # SingleTenant | MixedTenants
+
+
+def context(positions, tables, pool, ops, cfg: MixtralConfig, decode: bool) -> Context:
+  cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+  mask = None if decode else causal_mask(positions, positions.shape[1], cfg.sliding_window)
+  return Context(positions, cos, sin, mask, tables, pool, ops)
 
 
 def attend_pages(q, kv: paged.PagedKV, layer, ctx: Context, cfg: MixtralConfig):
@@ -79,25 +89,35 @@ def attend_pages(q, kv: paged.PagedKV, layer, ctx: Context, cfg: MixtralConfig):
 
 
 class DecoderLayer(nn.Module):
-  """One Mixtral layer: attention (over its own keys, or over the paged cache), then the routed experts."""
+  """One Mixtral layer: attention (over its own keys, or over the paged cache), then the routed experts.
+
+  `attend` and `experts` are its two halves; `__call__` (what the layer scan runs) is both. Run
+  apart, they let experts be brought onto the device between them (jaxmoe/serving/experts.py).
+  """
 
   cfg: MixtralConfig
   impl: Impl = Impl.AUTO
   capture: bool = False  # also return the MoE input and router logits
   decode: bool = False  # attend over the pages (after writing the new keys) instead of the call's own keys
+  tenants: int = 0  # backbone leaves stacked over this many tenants (0: one tenant)
 
-  @nn.compact
+  def setup(self):
+    dtype = jnp.dtype(self.cfg.dtype)
+    self.p = {n: self.param(n, _init(n, dtype), _shape(self.tenants, s)) for n, s in layer_shapes(self.cfg).items()}
+
   def __call__(self, carry, xs, ctx: Context):
     """carry (x [B, T, D], paged KV or None); xs (slot map row [E] or [A, E], layer index)."""
-    cfg, ops = self.cfg, ctx.ops
     x, kv = carry
     slot_row, layer = xs
-    dtype = jnp.dtype(cfg.dtype)
-    p = {n: self.param(n, _init(n, dtype), ops.shape(s)) for n, s in layer_shapes(cfg).items()}
-    b, t, d = x.shape
-    eps = cfg.rms_norm_eps
+    x, kv, h, router_logits = self.attend(x, kv, layer, ctx)
+    x = self.experts(x, h, router_logits, ctx.ops.rows(slot_row), ctx.pool, ctx.ops)
+    return (x, kv), ((h, router_logits) if self.capture else None)
 
-    h = rms_norm(x, ops.vector(p["attn_norm"]), eps)
+  def attend(self, x, kv, layer, ctx: Context):
+    """Attention and the router: x [B, T, D] -> (x after attention, kv, MoE input h, router logits [B, T, E])."""
+    cfg, ops, p = self.cfg, ctx.ops, self.p
+    b, t, _ = x.shape
+    h = rms_norm(x, ops.vector(p["attn_norm"]), cfg.rms_norm_eps)
     q = apply_rope(ops.linear("BTD,DNH->BTNH", h, p["q"]), ctx.cos, ctx.sin)
     k = apply_rope(ops.linear("BTD,DMH->BTMH", h, p["k"]), ctx.cos, ctx.sin)
     v = ops.linear("BTD,DMH->BTMH", h, p["v"])
@@ -109,17 +129,23 @@ class DecoderLayer(nn.Module):
     else:
       out = gqa_attention(q, k, v, ctx.mask, cfg.head_dim**-0.5)
     x = x + ops.linear("BTNH,NHD->BTD", out.reshape(b, t, cfg.num_heads, cfg.head_dim), p["o"])
+    h = rms_norm(x, ops.vector(p["mlp_norm"]), cfg.rms_norm_eps)
+    return x, kv, h, ops.linear("BTD,DE->BTE", h, p["router"])
 
-    h = rms_norm(x, ops.vector(p["mlp_norm"]), eps)
-    router_logits = ops.linear("BTD,DE->BTE", h, p["router"])
-    slot_map = ops.rows(slot_row)
+  def experts(self, x, h, router_logits, slot_map, pool, ops):
+    """The routed experts on h [B, T, D], added to x; slot_map [E] or per row [B, E] into `pool`."""
+    b, t, d = x.shape
     if slot_map.ndim == 2:  # per-row tenant maps [B, E]: one copy per token
       slot_map = jnp.repeat(slot_map, t, axis=0)
-    reach = cfg.num_experts * max(1, min(b, ops.num_tenants))
-    spec = MoeSpec(top_k=cfg.top_k, router=Router.TOPK_RENORM, impl=self.impl, max_slots=reach)
-    y = moe(h.reshape(b * t, d), router_logits.reshape(b * t, -1), slot_map, ctx.pool, spec)
-    x = x + y.reshape(b, t, d)
-    return (x, kv), ((h, router_logits) if self.capture else None)
+    y = moe(
+      h.reshape(b * t, d), router_logits.reshape(b * t, -1), slot_map, pool, moe_spec(self.cfg, self.impl, b, ops)
+    )
+    return x + y.reshape(b, t, d)
+
+
+def moe_spec(cfg: MixtralConfig, impl: Impl, batch: int, ops) -> MoeSpec:
+  reach = cfg.num_experts * max(1, min(batch, ops.num_tenants))  # each row reaches its tenant's E experts
+  return MoeSpec(top_k=cfg.top_k, router=Router.TOPK_RENORM, impl=impl, max_slots=reach)
 
 
 class Mixtral(nn.Module):
@@ -129,8 +155,20 @@ class Mixtral(nn.Module):
   impl: Impl = Impl.AUTO
   capture: bool = False
   decode: bool = False
+  tenants: int = 0
 
-  @nn.compact
+  def setup(self):
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    self.g = {n: self.param(n, _init(n, dtype), _shape(self.tenants, s)) for n, s in global_shapes(cfg).items()}
+    layers = nn.scan(
+      DecoderLayer,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(0, nn.broadcast),
+      length=cfg.num_layers,
+    )
+    self.layers = layers(cfg, self.impl, self.capture, self.decode, self.tenants)
+
   def __call__(self, tokens, positions, kv, tables, pool, slot_map, ops, logits_at=None):
     """Runs tokens [B, T] at positions [B, T] through every layer, writing their keys into `kv`.
 
@@ -140,31 +178,25 @@ class Mixtral(nn.Module):
     [L, B, T, D], router logits [L, B, T, E]) or None).
     """
     cfg = self.cfg
-    dtype = jnp.dtype(cfg.dtype)
-    g = {n: self.param(n, _init(n, dtype), ops.shape(s)) for n, s in global_shapes(cfg).items()}
-    x = ops.embed(g["embed"], tokens)
-    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-    mask = None if self.decode else causal_mask(positions, tokens.shape[1], cfg.sliding_window)
-    ctx = Context(positions, cos, sin, mask, tables, pool, ops)
-    layers = nn.scan(
-      DecoderLayer,
-      variable_axes={"params": 0},
-      split_rngs={"params": True},
-      in_axes=(0, nn.broadcast),
-      length=cfg.num_layers,
-    )
+    x = self.embed(tokens, ops)
+    ctx = context(positions, tables, pool, ops, cfg, self.decode)
     rows_by_layer = slot_map if slot_map.ndim == 2 else jnp.swapaxes(slot_map, 0, 1)  # [L, E] or [L, A, E]
-    xs = (rows_by_layer, jnp.arange(cfg.num_layers))
-    (x, kv), captured = layers(cfg, self.impl, self.capture, self.decode, name="layers")((x, kv), xs, ctx)
-    x = rms_norm(x, ops.vector(g["norm"]), cfg.rms_norm_eps)
+    (x, kv), captured = self.layers((x, kv), (rows_by_layer, jnp.arange(cfg.num_layers)), ctx)
+    return self.head(x, ops, logits_at), kv, captured
+
+  def embed(self, tokens, ops):
+    return ops.embed(self.g["embed"], tokens)
+
+  def head(self, x, ops, logits_at=None):
+    """The final norm and the LM head: x [B, T, D] -> float32 logits [B, T (or 1 at logits_at [B]), V]."""
+    x = rms_norm(x, ops.vector(self.g["norm"]), self.cfg.rms_norm_eps)
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
-    logits = ops.linear("BTD,DV->BTV", x, g["lm_head"]).astype(F32)
-    return logits, kv, captured
+    return ops.linear("BTD,DV->BTV", x, self.g["lm_head"]).astype(F32)
 
 
 def _apply(params, tokens, positions, kv, tables, cfg, impl, ops, logits_at=None, capture=False, decode=False):
-  model = Mixtral(cfg, impl, capture, decode)
+  model = Mixtral(cfg, impl, capture, decode, ops.num_tenants)
   return model.apply(
     {"params": params["backbone"]}, tokens, positions, kv, tables, params["experts"], params["slot_map"], ops, logits_at
   )
@@ -252,7 +284,6 @@ def layer_step(layer: dict, pool: dict, slot_row, x, cfg: MixtralConfig, impl: I
   """
   b, t, _ = x.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-  ctx = Context(positions, cos, sin, causal_mask(positions, t, cfg.sliding_window), None, pool, SingleTenant())
+  ctx = context(positions, None, pool, SingleTenant(), cfg, decode=False)
   (x, _), (h, _) = DecoderLayer(cfg, impl, capture=True).apply({"params": layer}, (x, None), (slot_row, 0), ctx)
   return x, h

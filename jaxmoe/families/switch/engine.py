@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from jaxmoe.errors import RequestError
-from jaxmoe.families.switch import model
+from jaxmoe.families.switch import model, stepped
 from jaxmoe.families.switch.config import SwitchConfig
 from jaxmoe.nn import paged, sampling
 from jaxmoe.nn.moe import Impl
@@ -39,10 +39,24 @@ def decode(params, tokens, kv: paged.PagedKV, rows: paged.Rows, cfg: SwitchConfi
   return sampling.select(logits, rows.sampling), kv, rows.advance()
 
 
+@jax.jit
+def _sample(logits, rows: paged.Rows):
+  return sampling.select(logits[:, 0], rows.sampling), rows.advance()
+
+
 class EncoderDecoder:
   """Engine hooks for Switch: max_seq_len bounds the prompt and 1 + max_tokens decoder positions."""
 
-  jitted = (admit, decode)
+  jitted = (
+    admit,
+    decode,
+    _sample,
+    stepped.begin_encoder,
+    stepped.begin_decoder,
+    stepped.attend_block,
+    stepped.experts_block,
+    stepped.end,
+  )
   cross = True  # encoder pages beside the decoder's
 
   def init_kv(self, cfg: SwitchConfig, pages_per_layer: int, page_size: int) -> paged.PagedKV:
@@ -70,8 +84,20 @@ class EncoderDecoder:
     if 1 + max_tokens > limit:
       raise RequestError(f"'max_tokens'={max_tokens} is above the limit {limit - 1} (max_seq_len={limit})")
 
-  def admit(self, params, tokens, kv, rows, cfg: SwitchConfig, impl: Impl, ops):
+  def admit(self, params, tokens, kv, rows, cfg: SwitchConfig, impl: Impl, ops, cache=None):
+    if cache is not None:
+      logits, kv = stepped.start(
+        params, tokens, rows.enc_lengths, kv, rows.tables, rows.cross_tables, cache, cfg, impl, ops
+      )
+      nxt, rows = _sample(logits, rows)
+      return nxt, kv, rows
     return admit(params, tokens, kv, rows, cfg, impl, ops)
 
-  def decode(self, params, tokens, kv, rows, cfg: SwitchConfig, impl: Impl, ops):
+  def decode(self, params, tokens, kv, rows, cfg: SwitchConfig, impl: Impl, ops, cache=None):
+    if cache is not None:
+      logits, kv = stepped.decode_step(
+        params, tokens, kv, rows.tables, rows.cross_tables, rows.lengths, rows.enc_lengths, cache, cfg, impl, ops
+      )
+      nxt, rows = _sample(logits, rows)
+      return nxt, kv, rows
     return decode(params, tokens, kv, rows, cfg, impl, ops)

@@ -122,8 +122,41 @@ class Context:
   cross_tables: jax.Array | None = None  # decoder with a cache: [B, c] cross-attention pages
 
 
+def encoder_context(cfg: SwitchConfig, tokens, lengths, pool, ops):
+  """The encoder blocks' context, as a function of the stack's position-bias table, for tokens [B, U]
+  right-padded to `lengths` [B]."""
+  b, u = tokens.shape
+  pos = jnp.arange(u)
+  mask = jnp.broadcast_to(pos[None, None, :] < lengths[:, None, None], (b, u, u))
+
+  def ctx(table):
+    return Context(position_bias(table, (pos[None, :] - pos[:, None])[None], cfg, True, ops), mask, pool, ops)
+
+  return ctx
+
+
+def decoder_context(cfg: SwitchConfig, tokens, positions, enc_lengths, pool, ops, kv, tables, cross_tables, enc_out):
+  """The decoder blocks' context, as a function of the stack's position-bias table (arguments as
+  `Switch.decode`)."""
+  b, t = tokens.shape
+  num_keys = t if kv is None else tables.shape[1] * kv.page_size
+  num_enc = enc_out.shape[1] if kv is None else cross_tables.shape[1] * kv.page_size
+  rel = jnp.arange(num_keys)[None, None, :] - positions[:, :, None]  # [B, T, S]
+  cross_mask = jnp.broadcast_to(jnp.arange(num_enc)[None, None, :] < enc_lengths[:, None, None], (b, t, num_enc))
+
+  def ctx(table):
+    bias = position_bias(table, rel, cfg, False, ops)
+    return Context(bias, rel <= 0, pool, ops, positions, cross_mask, enc_out, tables, cross_tables)
+
+  return ctx
+
+
 class Block(nn.Module):
-  """One encoder or decoder block: self-attention, (decoder) cross-attention, dense or sparse MLP."""
+  """One encoder or decoder block: self-attention, (decoder) cross-attention, dense or sparse MLP.
+
+  `attend` (attention and, in a sparse block, the router) and `experts` are its two halves; run
+  apart, experts can be brought onto the device between them (jaxmoe/serving/experts.py).
+  """
 
   cfg: SwitchConfig
   impl: Impl
@@ -132,12 +165,20 @@ class Block(nn.Module):
   tenants: int = 0
   write_cross: bool = False  # decoder with a cache: first write ctx.enc_out's cross keys/values into its pages
 
-  @nn.compact
+  def setup(self):
+    dtype = jnp.dtype(self.cfg.dtype)
+    shapes = layout.block_shapes(self.cfg, self.stack, self.sparse)
+    self.p = {n: self.param(n, _init(n, dtype), _shape(self.tenants, s)) for n, s in shapes.items()}
+
   def __call__(self, x, ctx: Context, slot_row, layer=None, kv: paged.PagedKV | None = None):
-    cfg, ops, eps = self.cfg, ctx.ops, self.cfg.layer_norm_eps
-    dtype = jnp.dtype(cfg.dtype)
-    shapes = layout.block_shapes(cfg, self.stack, self.sparse)
-    p = {n: self.param(n, _init(n, dtype), _shape(self.tenants, s)) for n, s in shapes.items()}
+    x, kv, h, logits = self.attend(x, ctx, layer, kv)
+    if not self.sparse:
+      return x + self.dense(h, ctx.ops), kv
+    return self.experts(x, h, logits, ctx.ops.rows(slot_row), ctx.pool, ctx.ops), kv
+
+  def attend(self, x, ctx: Context, layer=None, kv: paged.PagedKV | None = None):
+    """Self- (and cross-) attention: x [B, T, D] -> (x, kv, normed MLP input h, router logits [B*T, E] or None)."""
+    ops, p, eps = ctx.ops, self.p, self.cfg.layer_norm_eps
     heads = lambda h, names: [ops.linear("BTD,DNH->BTNH", h, p[n]) for n in names]  # noqa: E731
     q, k, v = heads(rms_norm(x, ops.vector(p["attn_norm"]), eps), ("q", "k", "v"))
     if self.stack == "decoder" and kv is not None:  # scatter into the pool: a donated cache updates in place
@@ -146,13 +187,17 @@ class Block(nn.Module):
       v = paged.gather(kv.v, layer, kv.pages_per_layer, ctx.tables)
     x = x + ops.linear("BTNH,NHD->BTD", biased_attention(q, k, v, ctx.bias, ctx.mask), p["o"])
     if self.stack == "decoder":
-      x, kv = self.cross_attention(p, x, ctx, layer, kv, heads)
-    x = x + self.feed_forward(p, rms_norm(x, ops.vector(p["mlp_norm"]), eps), ctx, slot_row)
-    return x, kv
+      x, kv = self.cross_attention(x, ctx, layer, kv, heads)
+    h = rms_norm(x, ops.vector(p["mlp_norm"]), eps)
+    if not self.sparse:
+      return x, kv, h, None
+    b, t, _ = h.shape
+    logits = ops.linear("BTD,DE->BTE", h.astype(F32), p["router"].astype(F32)).reshape(b * t, -1)
+    return x, kv, h, logits
 
-  def cross_attention(self, p, x, ctx: Context, layer, kv, heads):
+  def cross_attention(self, x, ctx: Context, layer, kv, heads):
     """Attention over the encoder output: its fresh keys, or the row's cross pages (written first if asked)."""
-    (cq,) = heads(rms_norm(x, ctx.ops.vector(p["cross_norm"]), self.cfg.layer_norm_eps), ("cq",))
+    (cq,) = heads(rms_norm(x, ctx.ops.vector(self.p["cross_norm"]), self.cfg.layer_norm_eps), ("cq",))
     if kv is None or self.write_cross:
       ck, cv = heads(ctx.enc_out, ("ck", "cv"))
     if kv is not None:
@@ -163,17 +208,17 @@ class Block(nn.Module):
       ck = paged.gather(kv.k, layer, kv.pages_per_layer, ctx.cross_tables)
       cv = paged.gather(kv.v, layer, kv.pages_per_layer, ctx.cross_tables)
     cross = biased_attention(cq, ck, cv, None, ctx.cross_mask)  # no position bias
-    return x + ctx.ops.linear("BTNH,NHD->BTD", cross, p["co"]), kv
+    return x + ctx.ops.linear("BTNH,NHD->BTD", cross, self.p["co"]), kv
 
-  def feed_forward(self, p, h, ctx: Context, slot_row):
-    """The block's MLP on its normed input h [B, T, D]: dense relu(h wi) wo, or the routed experts."""
-    cfg, ops = self.cfg, ctx.ops
+  def dense(self, h, ops):
+    """A dense block's MLP on its normed input h [B, T, D]: relu(h wi) wo."""
+    up = jax.nn.relu(ops.linear("BTD,DF->BTF", h, self.p["wi"]))
+    return ops.linear("BTF,FD->BTD", up.astype(h.dtype), self.p["wo"])
+
+  def experts(self, x, h, logits, slot_map, pool, ops):
+    """A sparse block's routed experts on h [B, T, D], added to x; slot_map [E] or per row [B, E] into `pool`."""
+    cfg = self.cfg
     b, t, d = h.shape
-    if not self.sparse:
-      up = jax.nn.relu(ops.linear("BTD,DF->BTF", h, p["wi"]))
-      return ops.linear("BTF,FD->BTD", up.astype(h.dtype), p["wo"])
-    logits = ops.linear("BTD,DE->BTE", h.astype(F32), p["router"].astype(F32)).reshape(b * t, -1)
-    slot_map = ops.rows(slot_row)
     if slot_map.ndim == 2:  # per-row tenant maps: one copy per token
       slot_map = jnp.repeat(slot_map, t, axis=0)
     capacity = cfg.expert_capacity if cfg.routing is Routing.HF_CAPACITY else None
@@ -185,7 +230,7 @@ class Block(nn.Module):
       group_size=t,
       max_slots=cfg.num_experts * max(1, min(b, self.tenants)),
     )
-    return moe(h.reshape(b * t, d), logits, slot_map, ctx.pool, spec).reshape(b, t, d)
+    return x + moe(h.reshape(b * t, d), logits, slot_map, pool, spec).reshape(b, t, d)
 
 
 class Group(nn.Module):
@@ -229,20 +274,34 @@ class Stack(nn.Module):
   tenants: int = 0
   write_cross: bool = False
 
-  @nn.compact
-  def __call__(self, tokens, shared_embed, ctx_fn, slot_map, ops, kv=None):
+  def setup(self):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     own = layout.global_shapes(cfg)[self.stack]
-    g = {n: self.param(n, _init(n, dtype), _shape(self.tenants, s)) for n, s in own.items()}
-    x = ops.embed(g.get("embed", shared_embed), tokens)
-    ctx = ctx_fn(g["rel_bias"])
-    n = layout.num_groups(cfg, self.stack)
+    self.g = {n: self.param(n, _init(n, dtype), _shape(self.tenants, s)) for n, s in own.items()}
     groups = nn.scan(
-      Group, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(0, nn.broadcast), length=n
+      Group,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(0, nn.broadcast),
+      length=layout.num_groups(cfg, self.stack),
     )
-    xs = (stack_slot_rows(cfg, self.stack, slot_map, self.tenants), jnp.arange(n))
-    (x, kv), _ = groups(cfg, self.impl, self.stack, self.tenants, self.write_cross, name="layers")((x, kv), xs, ctx)
-    return rms_norm(x, ops.vector(g["norm"]), cfg.layer_norm_eps), kv
+    self.layers = groups(cfg, self.impl, self.stack, self.tenants, self.write_cross)
+
+  def __call__(self, tokens, shared_embed, ctx_fn, slot_map, ops, kv=None):
+    x, ctx = self.begin(tokens, shared_embed, ctx_fn, ops)
+    xs = (
+      stack_slot_rows(self.cfg, self.stack, slot_map, self.tenants),
+      jnp.arange(layout.num_groups(self.cfg, self.stack)),
+    )
+    (x, kv), _ = self.layers((x, kv), xs, ctx)
+    return self.end(x, ops), kv
+
+  def begin(self, tokens, shared_embed, ctx_fn, ops):
+    """The embedded tokens and the blocks' context (ctx_fn builds it from the stack's position-bias table)."""
+    return ops.embed(self.g.get("embed", shared_embed), tokens), ctx_fn(self.g["rel_bias"])
+
+  def end(self, x, ops):
+    return rms_norm(x, ops.vector(self.g["norm"]), self.cfg.layer_norm_eps)
 
 
 class Switch(nn.Module):
@@ -262,16 +321,16 @@ class Switch(nn.Module):
 
   def encode(self, tokens, lengths, pool, slot_map, ops):
     """tokens [B, U] right-padded to `lengths` [B] -> final-normed encoder output [B, U, D]."""
-    b, u = tokens.shape
-    pos = jnp.arange(u)
-    mask = jnp.broadcast_to(pos[None, None, :] < lengths[:, None, None], (b, u, u))
+    ctx = encoder_context(self.cfg, tokens, lengths, pool, ops)
+    return self.encoder(tokens, self.roots.get("embed"), ctx, slot_map, ops)[0]
 
-    def ctx(table):
-      bias = position_bias(table, (pos[None, :] - pos[:, None])[None], self.cfg, True, ops)
-      return Context(bias, mask, pool, ops)
+  def begin(self, stack: str, tokens, ctx_fn, ops):
+    """A stack's embedded tokens and its blocks' context."""
+    return getattr(self, stack).begin(tokens, self.roots.get("embed"), ctx_fn, ops)
 
-    x, _ = self.encoder(tokens, self.roots.get("embed"), ctx, slot_map, ops)
-    return x
+  def end(self, stack: str, x, ops):
+    """A stack's final norm."""
+    return getattr(self, stack).end(x, ops)
 
   def decode(
     self,
@@ -292,20 +351,15 @@ class Switch(nn.Module):
     With `kv`, self and cross keys are the rows' pages (`tables` [B, n],
     `cross_tables` [B, c]); without, the call's own keys and `enc_out`'s.
     """
-    b, t = tokens.shape
-    num_keys = t if kv is None else tables.shape[1] * kv.page_size
-    num_enc = enc_out.shape[1] if kv is None else cross_tables.shape[1] * kv.page_size
-    rel = jnp.arange(num_keys)[None, None, :] - positions[:, :, None]  # [B, T, S]
-    cross_mask = jnp.broadcast_to(jnp.arange(num_enc)[None, None, :] < enc_lengths[:, None, None], (b, t, num_enc))
-
-    def ctx(table):
-      bias = position_bias(table, rel, self.cfg, False, ops)
-      return Context(bias, rel <= 0, pool, ops, positions, cross_mask, enc_out, tables, cross_tables)
-
+    ctx = decoder_context(self.cfg, tokens, positions, enc_lengths, pool, ops, kv, tables, cross_tables, enc_out)
     x, kv = self.decoder(tokens, self.roots.get("embed"), ctx, slot_map, ops, kv)
+    return self.head(x, ops, logits_at), kv
+
+  def head(self, x, ops, logits_at=None):
+    """Normed decoder output [B, T, D] -> float32 logits [B, T (or 1 at logits_at [B]), V]."""
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
-    return self.lm_head(x, ops), kv
+    return self.lm_head(x, ops)
 
   def lm_head(self, x, ops):
     """Decoder output [B, T, D] -> float32 logits [B, T, V]."""

@@ -116,7 +116,7 @@ def test_modules_variables_are_exactly_the_layout():
   pos = jnp.zeros((2, 4), jnp.int32)
   for ops, lead in ((model.SingleTenant(), ()), (MixedTenants(jnp.zeros(2, jnp.int32), 3), (3,))):
     smap = params["slot_map"] if not lead else np.stack([params["slot_map"]] * 3)
-    init = model.Mixtral(cfg).init
+    init = model.Mixtral(cfg, tenants=ops.num_tenants).init
     variables = jax.eval_shape(init, jax.random.key(0), tokens, pos, None, None, params["experts"], smap, ops)
     assert set(variables) == {"params"}
     want = layout.backbone_shapes(cfg)
