@@ -8,6 +8,7 @@ decoder-only and an encoder-decoder model and is each family's own.
 
 from __future__ import annotations
 
+import math
 from typing import Protocol, runtime_checkable
 
 import jax
@@ -24,6 +25,7 @@ from jaxmoe.nn.tenancy import SingleTenant
 
 PAGE_SIZE = 16  # positions per KV-cache page
 PROMPT_FLOOR = 8  # prompts are padded to a power of two >= this: prefill compiles O(log T) times
+SEED_RANGE = (0, 2**31)  # the sampler's seeds are int32: [0, 2^31)
 
 
 def pad_id(cfg) -> int:
@@ -31,6 +33,19 @@ def pad_id(cfg) -> int:
   if cfg.pad_token_id is not None:
     return cfg.pad_token_id
   return cfg.eos_ids[0] if cfg.eos_ids else 0
+
+
+def check_sampling(max_new_tokens, temperature, top_p, seed) -> None:
+  """Raises ValueError naming the first argument `generate` cannot honour."""
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+  if not (isinstance(temperature, (int, float, np.floating)) and math.isfinite(temperature) and temperature >= 0):
+    raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 is greedy)")
+  if not (isinstance(top_p, (int, float, np.floating)) and 0 < top_p <= 1):
+    raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
+  lo, hi = SEED_RANGE
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not lo <= seed < hi:
+    raise ValueError(f"seed={seed!r} must be an integer in [0, 2^31)")
 
 
 def contiguous_tables(b: int, pages: int, first: int = 1) -> np.ndarray:
@@ -104,8 +119,9 @@ class ModelBase:
       max_new_tokens: n, tokens to add per row.
       temperature: 0 is greedy; > 0 samples (with `top_p` nucleus and `seed`).
       lengths: [B] prompt lengths for a right-padded batch (default: all T).
-      stop_at_eos: like HF `generate`: a row that produced an EOS id is padded
-        from then on, and decoding stops early when every row has.
+      stop_at_eos: like HF `generate`: a row that produced any EOS id
+        (`config.eos_ids`) is padded from then on, and decoding stops early
+        when every row has.
 
     Returns:
       int32 rows of the family's output (`new_tokens` picks the new ones):
@@ -114,8 +130,7 @@ class ModelBase:
       after EOS.
     """
     tokens, lengths = self._batch(tokens, lengths)
-    if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    check_sampling(max_new_tokens, temperature, top_p, seed)
     self._check_generate(lengths, max_new_tokens)
     b, t = tokens.shape
     padded = np.zeros((b, buckets.pow2(t, floor=PROMPT_FLOOR)), np.int32)

@@ -10,7 +10,9 @@ groups (three share one copy, the fourth keeps its own), found by complete-
 linkage clustering under --metric. Bitwise-identical experts are always shared
 (it changes no output). The store holds the pool, one backbone and one slot
 map per tenant, store.json, report.json and similarity.png; load it with
-jaxmoe.load_store(path).model(NAME).
+jaxmoe.load_store(path).model(NAME). A bad input is one `error:` line (exit 1)
+and writes nothing; SIGINT, SIGTERM and SIGHUP remove the partial store (exit
+130), and a temporary left by a SIGKILL is removed by the next run for --out.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ import sys
 
 from absl import app, flags
 
-from jaxmoe.cli.common import define_moe_impl, quiet_library_logs
+from jaxmoe.cli.common import (
+  define_moe_impl,
+  define_verify_checksums,
+  interrupted,
+  one_line_warnings,
+  quiet_library_logs,
+  terminate_like_interrupt,
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string(
@@ -67,6 +76,7 @@ flags.DEFINE_string("base_tenant", None, "Tenant NAME for --owner=base (default:
 flags.DEFINE_string("calibration", None, "UTF-8 text FILE read by every tenant for --metric=output.")
 flags.DEFINE_integer("calibration_tokens", 2048, "Tokens of --calibration used (rows of 256).")
 define_moe_impl()
+define_verify_checksums()
 
 PROG = "jaxmoe-consolidate"
 
@@ -77,7 +87,12 @@ def _config():
 
   text = None
   if FLAGS.calibration is not None:
-    text = pathlib.Path(FLAGS.calibration).read_text(encoding="utf-8")
+    try:
+      text = pathlib.Path(FLAGS.calibration).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise ValueError(f"--calibration={FLAGS.calibration} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+      raise ValueError(f"--calibration={FLAGS.calibration}: cannot read ({e.strerror or e})") from None
   return ConsolidateConfig(
     metric=Metric(FLAGS.metric),
     owner=Owner(FLAGS.owner),
@@ -95,6 +110,8 @@ def main(argv) -> int:
     print(f"{PROG}: error: unexpected arguments {argv[1:]}", file=sys.stderr)
     return 1
   quiet_library_logs()
+  one_line_warnings(PROG)
+  terminate_like_interrupt()
   from jaxmoe.consolidate import consolidate, report
   from jaxmoe.consolidate.tenants import parse_tenant
 
@@ -102,10 +119,12 @@ def main(argv) -> int:
     if FLAGS.out is None:
       raise ValueError("--out=STORE is required")
     tenants = [parse_tenant(t) for t in FLAGS.tenant]
-    header = consolidate(tenants, FLAGS.out, _config())
+    header = consolidate(tenants, FLAGS.out, _config(), verify_checksums=FLAGS.verify_checksums)
   except (ValueError, OSError) as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt as e:
+    return interrupted(PROG, e, "no store was written")
   print(report.table(header))
   files = sorted(f.name for f in pathlib.Path(FLAGS.out).iterdir() if f.is_file())
   print(f"wrote {FLAGS.out} ({', '.join(files)})")

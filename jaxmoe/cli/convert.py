@@ -5,7 +5,9 @@ The architecture comes from config.json's model_type ("mixtral", "switch_transfo
   jaxmoe-convert --hf_dir=DIR --out=DIR [--dtype=bfloat16|float16|float32]
 
 A bad input prints one `jaxmoe-convert: error: ...` line on stderr and exits
-with status 1; nothing is written.
+with status 1; nothing is written. SIGINT, SIGTERM and SIGHUP remove the
+partial output (exit 130); a temporary left by a SIGKILL is removed by the
+next run for the same --out.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 
 from absl import app, flags
 
-from jaxmoe.cli.common import quiet_library_logs
+from jaxmoe.cli.common import interrupted, quiet_library_logs, terminate_like_interrupt
 from jaxmoe.errors import JaxmoeError
 from jaxmoe.io.convert import DTYPES, convert
 
@@ -35,11 +37,14 @@ def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_library_logs()
+  terminate_like_interrupt()
   try:
     cfg = convert(_HF_DIR.value, _OUT.value, dtype=_DTYPE.value, progress=_PROGRESS.value)
   except USER_ERRORS as e:
     print(f"jaxmoe-convert: error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt as e:
+    return interrupted("jaxmoe-convert", e, "nothing was written")
   print(
     f"wrote {_OUT.value}: {cfg.architecture}, {cfg.num_moe_layers} MoE layers, {cfg.num_experts} experts, {cfg.dtype}"
   )
@@ -48,7 +53,7 @@ def main(argv: list[str]) -> int:
 
 def run() -> None:
   """Console-script entry point."""
-  app.run(main)
+  app.run(lambda argv: sys.exit(main(argv)))
 
 
 if __name__ == "__main__":

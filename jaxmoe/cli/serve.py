@@ -2,31 +2,47 @@
 
   jaxmoe-serve --store=STORE --requests=in.jsonl --out=out.jsonl --mode=mixed --max_batch=8
 
-Every input line gets exactly one output line with its id (a bad line gets an
-error response; the others are served). Exit code 0 unless something fatal
-happens: an unreadable store or requests file, an unwritable output (2).
+Every input line gets exactly one output line (jaxmoe/serving/batch.py): a bad
+line, a duplicate id included, gets an error response; the others are served.
+Responses are written in completion order, the lines refused before serving
+first: match them by `id`, unique in a batch, or by `line`, the 1-based input
+line number every response carries. Everything is checked (requests file, store, flags)
+before anything is written, and responses go to a temporary file renamed
+onto --out at the end, so a fatal error or a signal leaves --out as it was.
+Exit code 0, or 2 when something fatal happens: an unreadable store or
+requests file, bad flags, an unwritable output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import pathlib
 import sys
 
 from absl import app, flags
 
-from jaxmoe.cli.common import define_engine_flags, engine_config, load_store, quiet_library_logs
+from jaxmoe.cli.common import (
+  define_engine_flags,
+  engine_config,
+  interrupted,
+  load_store,
+  one_line_warnings,
+  quiet_library_logs,
+  terminate_like_interrupt,
+)
 
+PROG = "jaxmoe-serve"
 FLAGS = flags.FLAGS
 flags.DEFINE_string("store", None, "Store folder from jaxmoe-consolidate.")
 flags.DEFINE_string("requests", None, "Input: one JSON request per line.")
-flags.DEFINE_string("out", None, "Output: one JSON response per input line.")
+flags.DEFINE_string("out", None, "Output: one JSON response per input line (replaced at the end; not --requests).")
 define_engine_flags()
 flags.DEFINE_bool("progress", True, "Progress bar on stderr.")
 
 
-def fatal(message: str) -> int:
-  print(f"jaxmoe-serve: fatal: {message}", file=sys.stderr)
-  return 2
+class Fatal(Exception):
+  """Ends the run with exit status 2 and a one-line message."""
 
 
 def format_summary(s: dict) -> str:
@@ -53,54 +69,83 @@ def format_summary(s: dict) -> str:
   )
 
 
+def writer(out):
+  def write(response: dict) -> None:
+    try:
+      out.write(json.dumps(response) + "\n")  # ASCII: a lone surrogate in an id stays escaped
+      out.flush()
+    except OSError as e:
+      raise Fatal(f"cannot write --out: {e}") from None
+
+  return write
+
+
 def serve(lines: list[bytes], engine, out, progress: bool) -> dict:
   from tqdm import tqdm
 
-  from jaxmoe.serving import requests as req_lib
+  from jaxmoe.serving.batch import serve_lines
 
-  bar = tqdm(total=len(lines), unit="req", file=sys.stderr, disable=not progress)
-  for n, line in enumerate(lines, start=1):
-    if not line.strip():
-      engine.reject(f"line-{n}", f"line {n} is empty")
-      continue
-    try:
-      engine.submit(req_lib.parse_line(line, n))
-    except req_lib.RequestError as e:
-      engine.reject(req_lib.line_id(line, n), str(e))
-  while engine.has_work:
-    for response in engine.step():
-      out.write(json.dumps(response) + "\n")
-      out.flush()
-      bar.update(1)
-  bar.close()
-  return engine.summary()
+  with tqdm(total=len(lines), unit="req", file=sys.stderr, disable=not progress) as bar:
+    return serve_lines(lines, engine, writer(out), bar.update)
 
 
-def main(argv) -> int:
-  del argv
-  quiet_library_logs()
+@contextlib.contextmanager
+def open_out(out: pathlib.Path, direct: bool):
+  from jaxmoe.io import files
+
+  try:
+    ctx = open(out, "w", encoding="utf-8") if direct else files.atomic_file(out)
+    with ctx as f:
+      yield f
+  except OSError as e:  # opening, or the final flush and rename
+    raise Fatal(f"cannot write --out: {e}") from None
+
+
+def build_engine(store):
   from jaxmoe.serving import Engine
 
   try:
-    with open(FLAGS.requests, "rb") as f:
-      lines = f.read().splitlines()
-  except OSError as e:
-    return fatal(f"cannot read --requests: {e}")
+    return Engine(store, engine_config(store))
+  except ValueError as e:
+    raise Fatal(str(e)) from None
+
+
+def run_serve() -> dict:
+  from jaxmoe.io import files
+  from jaxmoe.serving import requests as req_lib
+
+  requests, out = pathlib.Path(FLAGS.requests), pathlib.Path(FLAGS.out)
   try:
-    out = open(FLAGS.out, "w", encoding="utf-8")
+    lines = req_lib.request_lines(requests.read_bytes())
   except OSError as e:
-    return fatal(f"cannot write --out: {e}")
-  with out:
-    try:
-      store = load_store(FLAGS.store)
-    except (OSError, ValueError) as e:
-      return fatal(f"cannot read --store: {e}")
-    config = engine_config()
-    try:
-      engine = Engine(store, config)
-    except ValueError as e:
-      return fatal(str(e))
-    summary = serve(lines, engine, out, FLAGS.progress)
+    raise Fatal(f"cannot read --requests: {e}") from None
+  try:
+    direct = files.output_file(out, requests)
+  except ValueError as e:
+    raise Fatal(f"cannot write --out: {e}") from None
+  try:
+    store = load_store(FLAGS.store)
+  except (OSError, ValueError) as e:
+    raise Fatal(f"cannot read --store: {e}") from None
+  engine = build_engine(store)
+  with open_out(out, direct) as f:
+    return serve(lines, engine, f, FLAGS.progress)
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    print(f"{PROG}: fatal: unexpected arguments {argv[1:]}", file=sys.stderr)
+    return 2
+  quiet_library_logs()
+  one_line_warnings(PROG)
+  terminate_like_interrupt()
+  try:
+    summary = run_serve()
+  except Fatal as e:
+    print(f"{PROG}: fatal: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt as e:
+    return interrupted(PROG, e, "--out left as it was")
   print(format_summary(summary))
   return 0
 

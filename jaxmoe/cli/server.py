@@ -16,7 +16,7 @@ import sys
 
 from absl import app, flags
 
-from jaxmoe.cli.common import define_engine_flags, engine_config, load_store, quiet_library_logs
+from jaxmoe.cli.common import define_engine_flags, engine_config, load_store, one_line_warnings, quiet_library_logs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("store", None, "Store folder from jaxmoe-consolidate.")
@@ -48,6 +48,7 @@ def fatal(message: str) -> int:
 def main(argv) -> int:
   del argv
   quiet_library_logs()
+  one_line_warnings("jaxmoe-server")
   from jaxmoe.server import ServerConfig, create_app
   from jaxmoe.server.run import bind, uvicorn_config
 
@@ -63,7 +64,7 @@ def main(argv) -> int:
       max_body_bytes=FLAGS.max_body_bytes,
       stream_interval_s=FLAGS.stream_interval_s,
     )
-    asgi = create_app(store, engine_config(), config)
+    asgi = create_app(store, engine_config(store), config)
   except ValueError as e:
     return fatal(str(e))
   try:

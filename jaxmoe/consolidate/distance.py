@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmoe.io import files
 from jaxmoe.nn.moe import expert_kind
 
 F32 = jnp.float32
@@ -49,7 +50,7 @@ def _symmetric(k: int, values) -> jax.Array:
 def _l2(w: dict) -> jax.Array:
   """w: {name: [A, ...]} -> [A, A]; differences taken directly (no Gram trick: it cancels)."""
   names = expert_kind(w)[0]
-  k = w[names[0]].shape[0]
+  k = len(w[names[0]])
   sq = [sum(jnp.sum(jnp.square(w[n][i].astype(F32) - w[n][j].astype(F32))) for n in names) for i, j in _pairs(k)]
   return _symmetric(k, [jnp.sqrt(s) for s in sq])
 
@@ -57,7 +58,7 @@ def _l2(w: dict) -> jax.Array:
 @jax.jit
 def _cosine(w: dict) -> jax.Array:
   names = expert_kind(w)[0]
-  k = w[names[0]].shape[0]
+  k = len(w[names[0]])
   flat = [jnp.concatenate([w[n][i].astype(F32).ravel() for n in names]) for i in range(k)]
   norms = [jnp.sqrt(jnp.sum(jnp.square(v))) for v in flat]
   values = []
@@ -72,16 +73,16 @@ def _cosine(w: dict) -> jax.Array:
 def _output(w: dict, x: jax.Array) -> jax.Array:
   """x [T, D] hidden states; each tenant's expert applied to all of them."""
   names, expert = expert_kind(w)  # SwiGLU (Mixtral) or ReLU (Switch)
-  k = w[names[0]].shape[0]
+  k = len(w[names[0]])
   ys = [expert(x, *(w[n][i] for n in names)) for i in range(k)]  # A x [T, D] f32
   return _symmetric(k, [jnp.mean(jnp.square(ys[i] - ys[j])) for i, j in _pairs(k)])
 
 
-def identical(w: dict[str, np.ndarray]) -> np.ndarray:
-  """w: {name: [A, ...]} -> [A, A] bool, True where two experts are equal bit for bit."""
+def identical(w: dict) -> np.ndarray:
+  """w: {name: [A, ...] or A arrays} -> [A, A] bool, True where two experts are equal bit for bit."""
   names = expert_kind(w)[0]
-  k = w[names[0]].shape[0]
-  raw = {n: np.ascontiguousarray(w[n]).view(np.uint8).reshape(k, -1) for n in names}
+  k = len(w[names[0]])
+  raw = {n: [np.ascontiguousarray(x).view(np.uint8).reshape(-1) for x in w[n]] for n in names}
   out = np.eye(k, dtype=bool)
   for i, j in _pairs(k):
     out[i, j] = out[j, i] = all(np.array_equal(raw[n][i], raw[n][j]) for n in names)
@@ -93,7 +94,7 @@ def pairwise(w: dict[str, np.ndarray], metric: Metric, inputs=None) -> tuple[np.
 
   Args:
     w: {"w1": [A, D, F], "w3": [A, D, F], "w2": [A, F, D]} (Switch: {"wi", "wo"}), tenant k's
-      expert at k.
+      expert at k; or, per name, a list of the A tenants' arrays (views: no stacked copy).
     metric: which distance.
     inputs: [T, D] hidden states, needed by Metric.OUTPUT only.
 
@@ -120,7 +121,12 @@ def layer_distances(experts: list[dict], metric: Metric, inputs=None) -> tuple[n
   """experts: A tenants' {name: [E, ...]} of one layer -> (dist [E, A, A], same [E, A, A])."""
   names = expert_kind(experts[0])[0]
   num_experts = experts[0][names[0]].shape[0]
-  out = [pairwise({n: np.stack([t[n][e] for t in experts]) for n in names}, metric, inputs) for e in range(num_experts)]
+  out = []
+  for e in range(num_experts):
+    out.append(pairwise({n: [t[n][e] for t in experts] for n in names}, metric, inputs))
+    # XLA's worker threads copy each stack from their own malloc arenas, which keep the freed
+    # pages: without a trim, a layer's positions leave about a layer of them behind.
+    files.trim_heap()
   return np.stack([d for d, _ in out]), np.stack([s for _, s in out])
 
 

@@ -4,8 +4,8 @@ Two passes over the layers, so memory stays near one layer of all tenants:
   1. read layer l of every tenant, write its backbone part to the store,
      measure the distances at each (l, e) (running the tenants' layers on the
      calibration text for the output metric);
-  2. after the global selection (select.py), read layer l again and write its
-     pool.
+  2. after the global selection (select.py), build layer l's pool reading one
+     tenant's layer at a time, and write it.
 Everything goes to a temporary folder renamed into place at the end, so a
 failure leaves no store.
 """
@@ -13,6 +13,7 @@ failure leaves no store.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
 from collections.abc import Sequence
@@ -23,9 +24,10 @@ import numpy as np
 from jaxmoe.consolidate import calibrate, report
 from jaxmoe.consolidate.distance import Metric, layer_distances, pair_score
 from jaxmoe.consolidate.select import GB, Owner, Plan, Selection, check_budget, select
-from jaxmoe.consolidate.tenants import check_names, logical_experts, open_tenants
+from jaxmoe.consolidate.tenants import check_names, logical_experts, open_tenants, read_part
 from jaxmoe.errors import ConsolidateError
 from jaxmoe.families import registry
+from jaxmoe.io import files
 from jaxmoe.io.store import StoreWriter, expert_bytes, store_writer
 from jaxmoe.io.tokenizer import load_tokenizer
 from jaxmoe.nn.moe import Impl
@@ -49,10 +51,12 @@ class ConsolidateConfig:
   def __post_init__(self):
     if (self.budget_gb is None) == (self.share_fraction is None):
       raise ConsolidateError("give exactly one of --budget_gb and --share_fraction")
-    if self.budget_gb is not None and not self.budget_gb >= 0:
-      raise ConsolidateError(f"--budget_gb={self.budget_gb} must be >= 0")
+    if self.budget_gb is not None and not (math.isfinite(self.budget_gb) and self.budget_gb >= 0):
+      raise ConsolidateError(f"--budget_gb={self.budget_gb} must be a finite number >= 0")
     if (self.metric is Metric.OUTPUT) != (self.calibration_text is not None):
       raise ConsolidateError("--calibration text is needed by --metric=output, and used by nothing else")
+    if self.calibration_text is not None and not self.calibration_text.strip():
+      raise ConsolidateError("the --calibration text is empty: the output metric needs text to run the tenants on")
     if self.calibration_tokens < 1:
       raise ConsolidateError(f"--calibration_tokens={self.calibration_tokens} must be >= 1")
     if self.base_tenant is not None and self.owner is not Owner.BASE:
@@ -70,7 +74,10 @@ class ConsolidateConfig:
 
 
 def consolidate(
-  tenants: Sequence[tuple[str, str | os.PathLike]], out: str | os.PathLike, ccfg: ConsolidateConfig
+  tenants: Sequence[tuple[str, str | os.PathLike]],
+  out: str | os.PathLike,
+  ccfg: ConsolidateConfig,
+  verify_checksums: bool = True,
 ) -> dict:
   """Consolidates K >= 2 tenant checkpoints into one store.
 
@@ -78,6 +85,8 @@ def consolidate(
     tenants: (name, checkpoint folder) pairs, in the order the store lists them.
     out: store folder to create; it must not exist.
     ccfg: metric, budget or share fraction, owner policy, calibration text.
+    verify_checksums: compare every part read with its recorded checksum and
+      refuse non-finite weights (the store writer refuses them regardless).
 
   Returns:
     The store.json content (also what report.table prints).
@@ -92,7 +101,7 @@ def consolidate(
   out = pathlib.Path(out)
   if out.exists():
     raise ConsolidateError(f"output {out} already exists; remove it or choose another path")
-  with open_tenants(dict(tenants)) as readers:
+  with open_tenants(dict(tenants), verify_checksums) as readers:
     cfg = readers[names[0]].config
     if sel.budget_bytes is not None:
       check_budget(sel.budget_bytes, cfg.num_moe_layers, cfg.num_experts, expert_bytes(cfg))
@@ -135,55 +144,84 @@ def _distance_pass(readers, w: StoreWriter, ccfg: ConsolidateConfig) -> tuple[np
     )
   globs = {}
   for name, r in readers.items():
-    globs[name] = r.read_part("globals")
+    globs[name] = read_part(name, r, "globals")
     w.write_backbone_part(name, "globals", globs[name])
   xs = _calibration_inputs(readers, ccfg, globs) if ccfg.metric is Metric.OUTPUT else None
   del globs
   dists, sames = [], []
   moe_index = {part: i for i, part in enumerate(first.layout.moe_parts(cfg))}
   for part in first.part_names()[1:]:
-    trees = {name: r.read_part(part) for name, r in readers.items()}
-    for name, tree in trees.items():
-      w.write_backbone_part(name, part, tree["backbone"])
-    if part not in moe_index:
-      continue  # a dense block: backbone only
-    i = moe_index[part]
-    layers = {name: (tree["backbone"], tree["experts"]) for name, tree in trees.items()}
-    experts = [logical_experts(pool, readers[name].slot_map[i]) for name, (_, pool) in layers.items()]
-    inputs = None
-    if xs is not None:
-      hidden = []
-      with precision(cfg.dtype):
-        for name, (layer, pool) in layers.items():
-          row = jnp.asarray(readers[name].slot_map[i])
-          xs[name], h = step(layer, pool, row, xs[name], cfg, ccfg.impl)
-          hidden.append(h.reshape(-1, cfg.hidden_size))
-      inputs = jnp.concatenate(hidden)
-    d, s = layer_distances(experts, ccfg.metric, inputs)
-    dists.append(d)
-    sames.append(s)
+    trees = {}
+    for name, r in readers.items():  # one tenant's part at a time, written as soon as it is read
+      trees[name] = read_part(name, r, part)
+      w.write_backbone_part(name, part, trees[name]["backbone"])
+    if part in moe_index:  # a dense block has its backbone only
+      d, s = _layer_distances(readers, trees, moe_index[part], xs, step, ccfg)
+      dists.append(d)
+      sames.append(s)
+    del trees  # before the next part is read: one layer of every tenant at a time
+    files.release_memory()
   return np.stack(dists), np.stack(sames)
 
 
-def build_pool(groups, experts: list[dict]) -> dict[str, np.ndarray]:
-  """One layer's pool {name: [X, ...]} from the plan's groups and the A tenants' experts [E, ...]."""
-  pool = {}
-  for n in experts[0]:
-    like = experts[0][n]
-    pool[n] = out = np.empty((len(groups), *like.shape[1:]), like.dtype)  # filled in place: one copy
-    for s, g in enumerate(groups):
-      if g.owner is not None:
-        out[s] = experts[g.owner][n][g.expert]
-      else:  # Owner.AVERAGE: float32 mean of the members
-        total = sum(np.asarray(experts[t][n][g.expert], np.float32) for t in g.members)
-        out[s] = (total / np.float32(len(g.members))).astype(like.dtype)
+def _layer_distances(readers, trees: dict, i: int, xs, step, ccfg: ConsolidateConfig):
+  """(dist [E, K, K], same [E, K, K]) of MoE layer i; advances the calibration states `xs`."""
+  cfg = next(iter(readers.values())).config
+  experts = [logical_experts(trees[name]["experts"], r.slot_map[i]) for name, r in readers.items()]
+  inputs = None
+  if xs is not None:
+    hidden = []
+    with precision(cfg.dtype):
+      for name, r in readers.items():
+        row = jnp.asarray(r.slot_map[i])
+        xs[name], h = step(trees[name]["backbone"], trees[name]["experts"], row, xs[name], cfg, ccfg.impl)
+        hidden.append(h.reshape(-1, cfg.hidden_size))
+    inputs = jnp.concatenate(hidden)
+    del hidden
+  return layer_distances(experts, ccfg.metric, inputs)
+
+
+def _fill_from(pool: dict, sums: dict, groups, t: int, experts: dict) -> None:
+  """Copies tenant t's experts into the slots it owns and adds them to the averages it is in."""
+  for s, g in enumerate(groups):
+    if g.owner == t:
+      for n in pool:
+        pool[n][s] = experts[n][g.expert]
+    elif g.owner is None and t in g.members:  # Owner.AVERAGE: float32 sum, members in increasing order
+      acc = sums.setdefault(s, {})
+      for n in pool:
+        x = np.asarray(experts[n][g.expert], np.float32)
+        acc[n] = x.copy() if n not in acc else acc[n] + x
+
+
+def _layer_pool(readers, i: int, groups) -> dict[str, np.ndarray]:
+  """MoE layer i's pool {name: [X, ...]}, reading one tenant's layer at a time.
+
+  Holds the pool, one tenant's experts, and float32 sums of the averaged slots
+  (Owner.AVERAGE only); the mean is taken in float32 and cast once.
+  """
+  pool: dict[str, np.ndarray] = {}
+  sums: dict[int, dict[str, np.ndarray]] = {}
+  for t, (name, r) in enumerate(readers.items()):
+    pool_part = read_part(name, r, r.layout.moe_parts(r.config)[i])["experts"]
+    experts = logical_experts(pool_part, r.slot_map[i])
+    del pool_part
+    if not pool:  # filled in place: one copy
+      pool = {n: np.empty((len(groups), *w.shape[1:]), w.dtype) for n, w in experts.items()}
+    _fill_from(pool, sums, groups, t, experts)
+    del experts  # before the next tenant's layer is read
+  for s, leaves in sums.items():
+    for n, total in leaves.items():
+      pool[n][s] = (total / np.float32(len(groups[s].members))).astype(pool[n].dtype)
   return pool
 
 
 def _pool_pass(readers, w: StoreWriter, plan: Plan) -> None:
   for i, groups in enumerate(plan.layers):
-    experts = [logical_experts(r.read_pool(i), r.slot_map[i]) for r in readers.values()]
-    w.write_pool_layer(i, build_pool(groups, experts))
+    pool = _layer_pool(readers, i, groups)
+    w.write_pool_layer(i, pool)
+    del pool  # before the next layer is read
+    files.release_memory()
 
 
 def describe(names, readers, ccfg: ConsolidateConfig, sel: Selection, plan: Plan, dist) -> dict:

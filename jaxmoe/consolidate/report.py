@@ -8,10 +8,12 @@ store's total.
 from __future__ import annotations
 
 import importlib.util
-import json
 import pathlib
 
 import numpy as np
+
+from jaxmoe.errors import ConsolidateError
+from jaxmoe.io import files
 
 
 def per_tenant(header: dict) -> list[dict]:
@@ -121,7 +123,7 @@ def plot(header: dict, path: pathlib.Path) -> None:
 def write(folder: pathlib.Path, header: dict) -> list[str]:
   """report.json, and similarity.png where matplotlib is installed (the `plot` extra); the names written."""
   folder = pathlib.Path(folder)
-  (folder / "report.json").write_text(json.dumps(summary(header), indent=1))
+  files.write_json(folder / "report.json", summary(header), ConsolidateError, indent=1)
   if importlib.util.find_spec("matplotlib") is None:
     return ["report.json"]
   plot(header, folder / "similarity.png")

@@ -8,10 +8,17 @@ A checkpoint folder holds
                 and layer_NNNN, Switch's globals, encoder_NNNN and decoder_NNNN;
                 a part with an MoE layer holds its pool, and slot_map is local
                 to each layer's pool
-  tokenizer.json, tokenizer_config.json, ... copied from the source when present
+  tokenizer.json, tokenizer_config.json, generation_config.json, ... copied
+                from the source when present
 
-Writes go to a temporary sibling folder renamed into place at the end, so a
-failure leaves no partial checkpoint.
+The header also records a checksum of every part ("checksums": {part:
+"sha256:..."}, jaxmoe/io/integrity.py), verified at load unless the caller
+opts out (`verify_checksums=False`); headers written before checksums existed
+load with a one-line UnverifiedWarning. Non-finite weights are refused at
+write (and, when verifying, at load) naming the tensor. Writes go to a
+temporary sibling folder renamed into place at the end (jaxmoe/io/files.py),
+so a failure, a SIGTERM or a SIGKILL leaves no partial checkpoint, and the next
+write of the same destination removes what a killed one left.
 """
 
 from __future__ import annotations
@@ -21,7 +28,6 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
 from collections.abc import Iterator
 
 import jax
@@ -29,47 +35,38 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxmoe import trees
-from jaxmoe.errors import CheckpointError
+from jaxmoe.errors import CheckpointError, ConfigError
 from jaxmoe.families import registry
+from jaxmoe.io import files, integrity
 from jaxmoe.trees import Params
 
 FORMAT_VERSION = 1
 HEADER = "jaxmoe.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Copied along with the weights; generation_config.json holds the EOS ids generation stops on.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike) -> Iterator[pathlib.Path]:
-  """Yields a temporary folder that becomes `out` only if the block succeeds."""
-  out = pathlib.Path(out).absolute()
-  if out.exists():
-    raise CheckpointError(f"output {out} already exists; remove it or choose another path")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-  umask = os.umask(0)
-  os.umask(umask)
-  tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the result should be an ordinary folder
-  try:
-    yield tmp
-    os.replace(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+def atomic_dir(out: str | os.PathLike):
+  """A temporary folder that becomes `out` only if the block succeeds (jaxmoe/io/files.py)."""
+  return files.atomic_dir(out, CheckpointError)
 
 
 def _part_checkpointer() -> ocp.AsyncCheckpointer:
-  """Orbax checkpointer for Writer: numpy leaves are written without a copy.
+  """Orbax checkpointer for Writer and StoreWriter: parts are written without a copy.
 
   Orbax deep-copies host arrays so a caller may reuse them during an async
-  save; Writer waits for every save, so that copy would only double the peak
-  host memory of a conversion (tests/test_convert_memory.py).
+  save; the writers wait for every save, so that copy would only double the
+  peak host memory. Parts are written uncompressed: with zstd, tensorstore's
+  OCDBT writer holds the whole compressed part in memory until it commits (a
+  second copy of a layer, measured in tests/io/test_memory.py), and
+  weights compress by only about 10%. Readers read either.
   """
   th = ocp.type_handlers
   registry = th.create_type_handler_registry(
     (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
     (jax.Array, th.get_type_handler(jax.Array)),
   )
-  return ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+  return ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False))
 
 
 class Writer:
@@ -77,18 +74,21 @@ class Writer:
 
   Parts are the family's (`layout.part_names`), each an orbax tree; Mixtral's:
   params/globals (embed, norm, lm_head) and params/layer_NNNN (that layer's
-  backbone weights and expert pool).
+  backbone weights and expert pool). Each part's checksum is taken, and its
+  values checked finite, before it is written.
   """
 
   def __init__(self, folder: pathlib.Path, cfg):
     self.folder, self.cfg = folder, cfg
     self.layout = registry.of(cfg).layout
     self.slots: dict[int, int] = {}  # MoE layer -> pool slots
-    self.written: set[str] = set()
+    self.checksums: dict[str, str] = {}
     self._moe_index = {name: m for m, name in enumerate(self.layout.moe_parts(cfg))}
     self._ckptr = _part_checkpointer()
+    self._open = True
 
   def _save(self, name: str, tree) -> None:
+    self.checksums[name] = integrity.digest(tree, f"params/{name}", CheckpointError)
     self._ckptr.save(self.folder / "params" / name, args=ocp.args.PyTreeSave(tree))
     self._ckptr.wait_until_finished()
 
@@ -99,11 +99,10 @@ class Writer:
     if name in self._moe_index:
       self.slots[self._moe_index[name]] = int(next(iter(tree["experts"].values())).shape[0])
     self._save(name, tree)
-    self.written.add(name)
 
   def finish(self, slot_map: np.ndarray) -> None:
     """Writes the header; `slot_map` [L, E] is local to each MoE layer's pool."""
-    missing = [n for n in self.layout.part_names(self.cfg) if n not in self.written]
+    missing = [n for n in self.layout.part_names(self.cfg) if n not in self.checksums]
     if missing:
       raise CheckpointError(f"checkpoint incomplete: parts {missing} not written")
     header = {
@@ -111,9 +110,16 @@ class Writer:
       "config": json.loads(self.cfg.to_json()),
       "slots_per_layer": [self.slots[m] for m in range(self.cfg.num_moe_layers)],
       "slot_map": np.asarray(slot_map, np.int32).reshape(self.cfg.num_moe_layers, -1).tolist(),
+      "checksums": dict(self.checksums),
     }
-    (self.folder / HEADER).write_text(json.dumps(header, indent=2))
-    self._ckptr.close()
+    files.write_json(self.folder / HEADER, header, CheckpointError)
+    self.close()
+
+  def close(self) -> None:
+    """Waits for any save in flight (a KeyboardInterrupt may leave one) and releases orbax."""
+    if self._open:
+      self._open = False
+      self._ckptr.close()
 
 
 @contextlib.contextmanager
@@ -121,7 +127,10 @@ def writer(out: str | os.PathLike, cfg) -> Iterator[Writer]:
   """Atomic part-wise writer; call `finish(slot_map)` before the block ends."""
   with atomic_dir(out) as tmp:
     w = Writer(tmp, cfg)
-    yield w
+    try:
+      yield w
+    finally:
+      w.close()  # before the temporary folder is removed: no orbax thread writes into it after
     if not (tmp / HEADER).is_file():
       raise CheckpointError("checkpoint writer closed without finish()")
 
@@ -146,44 +155,82 @@ def copy_tokenizer(src: str | os.PathLike, dst: pathlib.Path) -> None:
       shutil.copy2(path, dst / name)
 
 
+def _int_list(value, what: str) -> list[int]:
+  if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+    raise CheckpointError(f"{what} must be a list of integers")
+  return value
+
+
+def check_slots(cfg, slots, slot_map, what: str) -> np.ndarray:
+  """Validates a header's slots per layer and one slot map (local to each layer's pool) -> [L, E] int32."""
+  layers = cfg.num_moe_layers
+  if len(_int_list(slots, f"{what} slots_per_layer")) != layers or any(n < 1 for n in slots):
+    raise CheckpointError(f"{what} slots_per_layer {slots!r} does not give {layers} MoE layers of >= 1 slot")
+  rows = slot_map if isinstance(slot_map, list) else None
+  if (
+    rows is None
+    or len(rows) != layers
+    or not all(len(_int_list(r, f"{what} slot map")) == cfg.num_experts for r in rows)
+  ):
+    raise CheckpointError(f"{what} slot map is not [{layers}, {cfg.num_experts}] integers")
+  out = np.asarray(rows, np.int64).reshape(layers, cfg.num_experts)
+  if out.size and (out.min() < 0 or np.any(out >= np.asarray(slots)[:, None])):
+    raise CheckpointError(f"{what} slot map points outside the pool of {slots} slots")
+  return out.astype(np.int32)
+
+
+def check_checksums(header: dict, names: list[str], what: str) -> dict[str, str] | None:
+  """The header's checksums {part: digest}, None when it predates them."""
+  sums = header.get("checksums")
+  if sums is None:
+    return None
+  if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+    raise CheckpointError(f"{what}: 'checksums' must map part names to strings")
+  missing = [n for n in names if n not in sums]
+  if missing:
+    raise CheckpointError(f"{what}: no checksum recorded for {missing[:3]}")
+  return sums
+
+
 def read_header(path: str | os.PathLike) -> dict:
+  """`jaxmoe.json` validated: format, config (as the family's config object), slots, slot map, checksums."""
   path = pathlib.Path(path)
   header_path = path / HEADER
   if not header_path.is_file():
     raise CheckpointError(f"{path} is not a jaxmoe checkpoint: {HEADER} is missing")
-  header = json.loads(header_path.read_text())
+  header = files.read_json(header_path, CheckpointError)
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{header_path}: expected a JSON object, got {type(header).__name__}")
   if header.get("format") != FORMAT_VERSION:
     raise CheckpointError(f"{header_path}: format {header.get('format')!r}, expected {FORMAT_VERSION}")
-  header["config"] = registry.config_from_dict(header["config"])
+  try:
+    header["config"] = cfg = registry.config_from_dict(header.get("config"))
+  except ConfigError as e:
+    raise CheckpointError(f"{header_path}: {e}") from None
+  header["slot_map"] = check_slots(cfg, header.get("slots_per_layer"), header.get("slot_map"), str(header_path))
+  header["checksums"] = check_checksums(header, registry.of(cfg).layout.part_names(cfg), str(header_path))
   return header
-
-
-def restore_part(ckptr: ocp.StandardCheckpointer, folder: pathlib.Path, target):
-  """One orbax tree restored into host numpy arrays; `target` holds ShapeDtypeStructs."""
-  return jax.tree.map(np.asarray, ckptr.restore(folder, target))
-
-
-def part_shapes(ckptr: ocp.StandardCheckpointer, folder: pathlib.Path) -> dict:
-  """{"a/b": (shape, dtype name)} of one orbax tree, read from its metadata only."""
-  meta = ckptr.metadata(folder).item_metadata
-  flat = jax.tree_util.tree_flatten_with_path(getattr(meta, "tree", meta))[0]
-  key = lambda path: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-  return {key(p): (tuple(m.shape), np.dtype(m.dtype).name) for p, m in flat}
 
 
 class Reader:
   """Reads a checkpoint part by part, so a caller can hold one layer at a time.
 
-  Arrays come back as host numpy arrays, as from `load`.
+  Arrays come back as host numpy arrays, as from `load`. Each part is checked
+  against the header (shapes, dtypes) and, with `verify_checksums`, its
+  recorded checksum and finiteness.
   """
 
-  def __init__(self, path: str | os.PathLike):
+  def __init__(self, path: str | os.PathLike, verify_checksums: bool = True):
     self.path = pathlib.Path(path).absolute()
     self.header = read_header(self.path)
     self.config = self.header["config"]
     self.layout = registry.of(self.config).layout
     self.slots_per_layer: list[int] = list(self.header["slots_per_layer"])
-    self.slot_map = np.asarray(self.header["slot_map"], np.int32).reshape(self.config.num_moe_layers, -1)
+    self.slot_map = self.header["slot_map"]
+    self.checksums = self.header["checksums"]
+    self.verify = verify_checksums
+    if verify_checksums and self.checksums is None:
+      integrity.warn_unverified(self.path, "checkpoint")
     self.targets = trees.abstract(self.layout.part_shapes(self.config, self.slots_per_layer), self.config.dtype)
     self._ckptr = ocp.StandardCheckpointer()
 
@@ -192,16 +239,24 @@ class Reader:
 
   def expected_shapes(self, name: str) -> dict:
     """What `part_shapes(name)` must be for this header's config, same keys."""
-    flat = jax.tree_util.tree_flatten_with_path(self.targets[name])[0]
-    key = lambda path: "/".join(str(k.key) for k in path)
-    return {key(p): (tuple(s.shape), np.dtype(s.dtype).name) for p, s in flat}
+    return integrity.target_shapes(self.targets[name])
 
   def part_shapes(self, name: str) -> dict:
-    return part_shapes(self._ckptr, self.path / "params" / name)
+    """{"a/b": (shape, dtype name)} of a stored part, from its metadata; CheckpointError if unreadable."""
+    folder = self.path / "params" / name
+    try:
+      shapes = integrity.stored_shapes(self._ckptr, folder)
+    except Exception as e:  # a damaged _METADATA raises whatever orbax's parser raises
+      raise CheckpointError(f"{folder}: unreadable metadata ({integrity.one_line(e)})") from None
+    if not shapes:
+      raise CheckpointError(f"{folder}: no readable orbax metadata (_METADATA missing or damaged)")
+    return shapes
 
   def read_part(self, name: str) -> dict:
     """One part's tree of host arrays (the layout's `part_shapes`)."""
-    return restore_part(self._ckptr, self.path / "params" / name, self.targets[name])
+    recorded = None if self.checksums is None else self.checksums[name]
+    folder = self.path / "params" / name
+    return integrity.read_tree(self._ckptr, folder, self.targets[name], recorded, self.verify, CheckpointError)
 
   def read_pool(self, m: int) -> dict:
     """The expert pool of MoE layer m {name: [S_m, ...]}."""
@@ -212,18 +267,22 @@ class Reader:
 
 
 @contextlib.contextmanager
-def reader(path: str | os.PathLike) -> Iterator[Reader]:
+def reader(path: str | os.PathLike, verify_checksums: bool = True) -> Iterator[Reader]:
   """A part-wise `Reader` over the checkpoint at `path`, closed at the end of the block."""
-  r = Reader(path)
+  r = Reader(path, verify_checksums)
   try:
     yield r
   finally:
     r.close()
 
 
-def load(path: str | os.PathLike) -> tuple[object, Params]:
-  """Reads a checkpoint into host numpy arrays: (config, params in the served layout)."""
-  with reader(path) as r:
+def load(path: str | os.PathLike, verify_checksums: bool = True) -> tuple[object, Params]:
+  """Reads a checkpoint into host numpy arrays: (config, params in the served layout).
+
+  Raises CheckpointError naming the file for anything damaged; with
+  `verify_checksums` (the default) every part's checksum is compared.
+  """
+  with reader(path, verify_checksums) as r:
     cfg = r.config
     params = r.layout.join_parts(cfg, {name: r.read_part(name) for name in r.part_names()}, r.slot_map)
   r.layout.check_params(cfg, params)

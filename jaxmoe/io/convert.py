@@ -5,7 +5,7 @@ family's `hf_parts` checks every tensor name, shape and dtype from the
 safetensors headers against config.json before anything is read or written;
 the driver then reads one part at a time, hands it to the atomic part-wise
 checkpoint writer and drops it, so host memory stays near one layer
-(tests/io/test_convert_memory.py). Tokenizer files are copied along.
+(tests/io/test_memory.py). Tokenizer files are copied along.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from jaxmoe.errors import ConversionError
 from jaxmoe.families import base, registry
-from jaxmoe.io import checkpoint, hf
+from jaxmoe.io import checkpoint, files, hf
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -37,7 +37,8 @@ def read_config(hf_dir: str | os.PathLike, dtype: str | None = None):
   """Reads `hf_dir/config.json` into the jaxmoe config of its model_type's family."""
   hf_config = hf.read_config(hf_dir)
   family = registry.for_hf_model_type(hf_config.get("model_type"))
-  return family.config.from_hf(hf_config, dtype=resolve_dtype(hf_config, dtype))
+  generation = hf.read_generation_config(hf_dir)
+  return family.config.from_hf(hf_config, dtype=resolve_dtype(hf_config, dtype), generation=generation)
 
 
 def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None, progress: bool | None = None):
@@ -71,6 +72,7 @@ def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | None
       tree = read()
       w.write_part(name, tree)
       del tree  # before the next part is read, so only one is ever held
+      files.release_memory()
     checkpoint.copy_tokenizer(hf_dir, w.folder)
     w.finish(base.local_identity_slot_map(cfg.num_moe_layers, cfg.num_experts))
   return cfg

@@ -1,6 +1,6 @@
 """Reading a Hugging Face model folder without trusting it: config.json, safetensors headers, tensors.
 
-Only headers are read until every name and shape has been checked (by the
+config.json and generation_config.json are read as strict JSON objects. Only headers are read until every name and shape has been checked (by the
 family's converter); tensors are then read one at a time, each through its own
 `safe_open`, so a shard's memory map, whose touched pages count as resident,
 never outlives one tensor. Pickle-based checkpoints (`pytorch_model.bin`,
@@ -10,7 +10,6 @@ never outlives one tensor. Pickle-based checkpoints (`pytorch_model.bin`,
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 
@@ -18,8 +17,10 @@ import numpy as np
 import safetensors
 
 from jaxmoe.errors import ConversionError
+from jaxmoe.io import files
 
 CONFIG_NAME = "config.json"
+GENERATION_NAME = "generation_config.json"
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -40,18 +41,25 @@ class TensorInfo:
 Index = dict[str, TensorInfo]
 
 
+def _read_object(path: pathlib.Path) -> dict:
+  hf = files.read_json(path, ConversionError)
+  if not isinstance(hf, dict):
+    raise ConversionError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+  return hf
+
+
 def read_config(hf_dir: str | os.PathLike) -> dict:
   """`hf_dir/config.json` as a dict; ConversionError naming the problem otherwise."""
   path = pathlib.Path(hf_dir) / CONFIG_NAME
   if not path.is_file():
     raise ConversionError(f"{path} not found: a Hugging Face model folder needs {CONFIG_NAME}")
-  try:
-    hf = json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ConversionError(f"{path}: not valid JSON ({e})") from e
-  if not isinstance(hf, dict):
-    raise ConversionError(f"{path}: expected a JSON object, got {type(hf).__name__}")
-  return hf
+  return _read_object(path)
+
+
+def read_generation_config(hf_dir: str | os.PathLike) -> dict | None:
+  """`hf_dir/generation_config.json` as a dict, None when absent (its token ids win over config.json's)."""
+  path = pathlib.Path(hf_dir) / GENERATION_NAME
+  return _read_object(path) if path.is_file() else None
 
 
 def refuse_pickles(hf_dir: pathlib.Path) -> None:
@@ -73,18 +81,17 @@ def find_weights(hf_dir: str | os.PathLike) -> list[pathlib.Path]:
   if not index.is_file():
     refuse_pickles(hf_dir)
     raise ConversionError(f"{hf_dir} has neither {SAFE_WEIGHTS} nor {SAFE_INDEX}")
-  try:
-    weight_map = json.loads(index.read_text())["weight_map"]
-  except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-    raise ConversionError(f"{index}: not a safetensors index with a 'weight_map' ({e!r})") from e
-  files = []
+  weight_map = _read_object(index).get("weight_map")
+  if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    raise ConversionError(f"{index}: 'weight_map' must be an object of tensor name -> shard file name")
+  shards = []
   for name in sorted(set(weight_map.values())):
     if not name.endswith(".safetensors"):
       raise ConversionError(f"{index}: shard {name!r} is not a .safetensors file; safetensors is required")
-    if not (hf_dir / name).is_file():
+    if pathlib.PurePath(name).name != name or not (hf_dir / name).is_file():
       raise ConversionError(f"{index}: shard {name!r} not found in {hf_dir}")
-    files.append(hf_dir / name)
-  return files
+    shards.append(hf_dir / name)
+  return shards
 
 
 def index_tensors(files: list[pathlib.Path]) -> Index:
@@ -104,10 +111,25 @@ def index_tensors(files: list[pathlib.Path]) -> Index:
 
 
 def read_tensor(index: Index, name: str) -> np.ndarray:
+  """One tensor, refused (ConversionError naming it) unless every value is finite."""
   # One open per tensor: safe_open memory-maps the whole shard, and the pages a
   # read touches stay resident until the map is closed.
-  with safetensors.safe_open(str(index[name].file), "np") as f:
-    return f.get_tensor(name)
+  try:
+    with safetensors.safe_open(str(index[name].file), "np") as f:
+      x = f.get_tensor(name)
+  except (safetensors.SafetensorError, OSError) as e:
+    raise ConversionError(f"tensor {name!r} in {index[name].file.name} cannot be read ({e})") from None
+  check_finite(name, x)
+  return x
+
+
+def check_finite(name: str, x: np.ndarray) -> None:
+  # In row chunks: the boolean temporary stays small next to a layer-sized tensor.
+  flat = x.reshape(-1)
+  step = 1 << 24
+  for start in range(0, flat.size, step):
+    if not np.isfinite(flat[start : start + step]).all():
+      raise ConversionError(f"tensor {name!r} holds NaN or infinite values; refusing to convert non-finite weights")
 
 
 def names(items: list[str]) -> str:

@@ -11,7 +11,10 @@ A store folder (written atomically by `store_writer`, read by `load_store`):
   backbones/<tenant>/layer_NNNN  orbax, that tenant's layer (attention, norms, router)
   backbones/<tenant>/tokenizer.json ...  copied from the tenant's checkpoint
 
-Slot maps in store.json are local to each layer's pool. Every family stores
+Slot maps in store.json are local to each layer's pool. store.json records a
+checksum of every part ("checksums": {"pool/layer_0000": "sha256:...", ...}),
+verified by `load_store` unless `verify_checksums=False`; a store written
+before checksums existed loads with one UnverifiedWarning. Every family stores
 the same way: a tenant's backbone as its checkpoint parts' backbone trees
 (Switch: globals, encoder_NNNN, decoder_NNNN), pool/layer_NNNN per MoE layer
 with that family's expert leaves. Loaded, tenant t's model is the served
@@ -34,9 +37,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxmoe import trees
-from jaxmoe.errors import StoreError
+from jaxmoe.errors import ConfigError, StoreError
 from jaxmoe.families import base, registry
-from jaxmoe.io import checkpoint
+from jaxmoe.io import checkpoint, files, integrity
 from jaxmoe.io.tokenizer import load_tokenizer
 from jaxmoe.nn import moe
 from jaxmoe.nn.moe import Impl
@@ -89,12 +92,21 @@ class StoreWriter:
     self.pool_bytes = 0
     self.backbone_bytes = {t: 0 for t in self.tenants}
     self._parts = {t: set() for t in self.tenants}
+    self.checksums: dict[str, str] = {}
     # The checkpoint Writer's checkpointer: no defensive copy of host arrays (we wait on every save).
     self._ckptr = checkpoint._part_checkpointer()
+    self._open = True
 
   def _save(self, rel: str, tree) -> None:
+    self.checksums[rel] = integrity.digest(tree, rel, StoreError)
     self._ckptr.save(self.folder / rel, args=ocp.args.PyTreeSave(tree))
     self._ckptr.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for any save in flight and releases orbax (also after a failure or an interrupt)."""
+    if self._open:
+      self._open = False
+      self._ckptr.close()
 
   def _tenant(self, name: str) -> str:
     if name not in self._parts:
@@ -161,34 +173,64 @@ class StoreWriter:
       "slot_maps": {t: m.tolist() for t, m in maps.items()},
       "bytes": self.byte_counts(),
       **(extra or {}),
+      "checksums": dict(self.checksums),
     }
-    (self.folder / HEADER).write_text(json.dumps(header, indent=1))
-    self._ckptr.close()
+    files.write_json(self.folder / HEADER, header, StoreError, indent=1)
+    self.close()
     return header
 
 
 @contextlib.contextmanager
 def store_writer(out: str | os.PathLike, cfg, tenants: list[str]) -> Iterator[StoreWriter]:
   """Atomic part-wise store writer; call `finish(slot_maps)` before the block ends."""
-  with checkpoint.atomic_dir(out) as tmp:
+  with files.atomic_dir(out, StoreError) as tmp:
     w = StoreWriter(tmp, cfg, tenants)
-    yield w
+    try:
+      yield w
+    finally:
+      w.close()  # before the temporary folder is removed: no orbax thread writes into it after
     if not (tmp / HEADER).is_file():
       raise StoreError("store writer closed without finish()")
 
 
 def read_store_header(path: str | os.PathLike) -> dict:
+  """store.json validated (kind, format, config, tenants, slots, slot maps, checksums); StoreError names the file."""
   path = pathlib.Path(path)
   header_path = path / HEADER
   if not header_path.is_file():
     raise StoreError(f"{path} is not a jaxmoe store: {HEADER} is missing")
-  header = json.loads(header_path.read_text())
+  header = files.read_json(header_path, StoreError)
+  if not isinstance(header, dict):
+    raise StoreError(f"{header_path}: expected a JSON object, got {type(header).__name__}")
   if header.get("kind") != KIND or header.get("format") != FORMAT_VERSION:
     raise StoreError(
       f"{header_path}: kind {header.get('kind')!r} format {header.get('format')!r}, "
       f"expected {KIND!r} format {FORMAT_VERSION}"
     )
+  try:
+    cfg = registry.config_from_dict(header.get("config"))
+    tenants = header.get("tenants")
+    if not isinstance(tenants, list) or not tenants:
+      raise StoreError("'tenants' must be a non-empty list of names")
+    check_tenant_names(tenants)
+    maps = header.get("slot_maps")
+    if not isinstance(maps, dict) or sorted(maps) != sorted(tenants):
+      raise StoreError("'slot_maps' must hold one slot map per tenant")
+    for t in tenants:
+      checkpoint.check_slots(cfg, header.get("slots_per_layer"), maps[t], f"tenant {t!r}")
+    checkpoint.check_checksums(header, list(part_paths(cfg, tenants)), "store")
+  except (StoreError, checkpoint.CheckpointError, ConfigError) as e:
+    raise StoreError(f"{header_path}: {e}") from None
   return header
+
+
+def part_paths(cfg, tenants: list[str]) -> dict[str, tuple[str, str | None]]:
+  """{store-relative part folder: (checkpoint part name, tenant or None for the pool)}."""
+  layout = registry.of(cfg).layout
+  out = {f"pool/layer_{i:04d}": (name, None) for i, name in enumerate(layout.moe_parts(cfg))}
+  for t in tenants:
+    out.update({f"backbones/{t}/{part}": (part, t) for part in layout.part_names(cfg)})
+  return out
 
 
 class LazyPool:
@@ -305,40 +347,53 @@ class Store:
     return name
 
 
-def load_store(path: str | os.PathLike, host_cache_gb: float | None = None) -> Store:
+def load_store(path: str | os.PathLike, verify_checksums: bool = True, host_cache_gb: float | None = None) -> Store:
   """Reads a store (from `jaxmoe-consolidate`) into host memory.
 
-  With `host_cache_gb`, the expert pool is not read: it stays in the store's
-  files, read lazily slot by slot (`LazyPool`) with at most that many 10^9 bytes
-  cached in host memory, for an engine whose device expert cache holds the
-  experts in use (EngineConfig.expert_cache_gb). Backbones are always read.
+  StoreError names the file of anything damaged; with `verify_checksums` (the
+  default) every part's recorded checksum is compared and its values checked
+  finite. With `host_cache_gb`, the expert pool is not kept: it stays in the
+  store's files, read lazily slot by slot (`LazyPool`) with at most that many
+  10^9 bytes cached in host memory, for an engine whose device expert cache
+  holds the experts in use (EngineConfig.expert_cache_gb); its parts are still
+  verified at load, one layer in memory at a time. Backbones are always read.
   """
   if host_cache_gb is not None and not host_cache_gb > 0:
     raise ValueError(f"host_cache_gb={host_cache_gb} must be > 0")
   path = pathlib.Path(path).absolute()
   header = read_store_header(path)
-  check_tenant_names(header["tenants"])
   cfg = registry.config_from_dict(header["config"])
   layout = registry.of(cfg).layout
-  slots = header["slots_per_layer"]
-  targets = trees.abstract(layout.part_shapes(cfg, slots), cfg.dtype)
+  sums = header.get("checksums")
+  if verify_checksums and sums is None:
+    integrity.warn_unverified(path, "store")
+  targets = trees.abstract(layout.part_shapes(cfg, header["slots_per_layer"]), cfg.dtype)
   with ocp.StandardCheckpointer() as ckptr:
-    read = lambda rel, t: checkpoint.restore_part(ckptr, path / rel, t)  # noqa: E731
+
+    def read(rel: str, target):
+      recorded = None if sums is None else sums[rel]
+      return integrity.read_tree(ckptr, path / rel, target, recorded, verify_checksums, StoreError)
+
     pool, lazy = None, None
+    pool_parts = [(f"pool/layer_{i:04d}", targets[name]["experts"]) for i, name in enumerate(layout.moe_parts(cfg))]
     if host_cache_gb is None:
-      moe_parts = layout.moe_parts(cfg)
-      pools = [read(f"pool/layer_{i:04d}", targets[name]["experts"]) for i, name in enumerate(moe_parts)]
-      pool = {n: np.concatenate([p[n] for p in pools]) for n in pools[0]}
-      del pools
+      parts = [read(rel, target) for rel, target in pool_parts]
+      pool = {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+      del parts
     else:
-      lazy = LazyPool(path, cfg, slots, int(host_cache_gb * 1e9))
+      if verify_checksums:  # each part read once, then dropped: host memory stays one layer over the cache
+        for rel, target in pool_parts:
+          read(rel, target)
+      lazy = LazyPool(path, cfg, header["slots_per_layer"], int(host_cache_gb * 1e9))
     bb_targets = {part: tree if part == "globals" else tree["backbone"] for part, tree in targets.items()}
     backbones = {
       t: layout.join_backbone(cfg, {part: read(f"backbones/{t}/{part}", tree) for part, tree in bb_targets.items()})
       for t in header["tenants"]
     }
   store = Store(path, header, pool, backbones, lazy)
-  experts = pool if lazy is None else trees.abstract(layout.expert_shapes(cfg, int(sum(slots))), cfg.dtype)
+  experts = (
+    pool if lazy is None else trees.abstract(layout.expert_shapes(cfg, int(sum(header["slots_per_layer"]))), cfg.dtype)
+  )
   for t in store.tenants:
     layout.check_params(cfg, {"backbone": backbones[t], "experts": experts, "slot_map": store.slot_maps[t]})
   return store

@@ -6,6 +6,8 @@ import os
 import pathlib
 from typing import Protocol
 
+from jaxmoe.errors import CheckpointError
+
 
 class Tokenizer(Protocol):
   bos_id: int | None
@@ -36,7 +38,10 @@ class HFTokenizer:
   def __init__(self, path: str | os.PathLike, bos_id=None, eos_id=None, pad_id=None):
     from tokenizers import Tokenizer as _Tokenizer
 
-    self._tok = _Tokenizer.from_file(str(path))
+    try:
+      self._tok = _Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception on a damaged file
+      raise CheckpointError(f"{path}: not a readable tokenizer ({' '.join(str(e).split())[:200]})") from None
     self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
 
   def encode(self, text: str) -> list[int]:
@@ -53,7 +58,8 @@ def load_tokenizer(folder: str | os.PathLike, cfg) -> Tokenizer | None:
   """
   path = pathlib.Path(folder) / "tokenizer.json"
   if path.is_file():
-    return HFTokenizer(path, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id)
+    eos = cfg.eos_ids[0] if cfg.eos_ids else None  # generation stops on every id of cfg.eos_ids
+    return HFTokenizer(path, cfg.bos_token_id, eos, cfg.pad_token_id)
   if cfg.vocab_size == ByteTokenizer.vocab_size:
     return ByteTokenizer()
   return None

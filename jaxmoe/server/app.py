@@ -143,6 +143,18 @@ class Server:
     return fields
 
 
+def body_failure(exc: HTTPException) -> str | None:
+  """What FastAPI's bare "error parsing the body" 400 was: json.loads raised other than a JSONDecodeError."""
+  cause = exc.__cause__
+  if isinstance(cause, UnicodeDecodeError):
+    return f"the body is not valid UTF-8 ({cause.reason} at byte {cause.start})"
+  if isinstance(cause, RecursionError):
+    return "the body is not usable JSON: nested too deep"
+  if isinstance(cause, ValueError):  # an integer literal beyond Python's digit limit
+    return f"the body is not usable JSON: {str(cause).split(';')[0]}"
+  return None
+
+
 def _install_errors(app: FastAPI, server: Server) -> None:
   async def api_error(request: Request, exc: APIError):
     if not exc.counted:
@@ -155,7 +167,7 @@ def _install_errors(app: FastAPI, server: Server) -> None:
 
   async def http_error(request: Request, exc: HTTPException):
     server.count_error(request.url.path, exc.status_code)
-    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    message = body_failure(exc) or (exc.detail if isinstance(exc.detail, str) else str(exc.detail))
     if exc.status_code == 404:
       message = f"no route {request.method} {request.url.path}; see /docs"
     return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code, headers=exc.headers)

@@ -342,6 +342,12 @@ def test_configs_are_checked():
     ConsolidateConfig(share_fraction=0.5, metric=Metric.OUTPUT)
   with pytest.raises(ConsolidateError, match=r"\[0, 1\]"):
     consolidate([("a", "x"), ("b", "y")], "/nonexistent/out", ConsolidateConfig(share_fraction=1.5))
+  for bad in (float("inf"), float("nan"), -1.0):
+    with pytest.raises(ConsolidateError, match="must be a finite number >= 0"):
+      ConsolidateConfig(budget_gb=bad)
+  for empty in ("", " \n\t"):
+    with pytest.raises(ConsolidateError, match="the --calibration text is empty"):
+      ConsolidateConfig(share_fraction=0.5, metric=Metric.OUTPUT, calibration_text=empty)
 
 
 # ---------------------------------------------------------------- report

@@ -157,6 +157,11 @@ def test_models_list_every_tenant_with_its_lineage(store, client):
     client.models.retrieve("ghost")
 
 
+def raw(body: str) -> dict:
+  """httpx kwargs posting `body` as it is (JSON that json= would refuse or rewrite)."""
+  return {"content": body.encode(), "headers": {"content-type": "application/json"}}
+
+
 def bad_requests(url: str) -> list[tuple]:
   """(method, path, kwargs for httpx, expected status, a piece of the expected message)."""
   c, chat = f"{url}/v1/completions", f"{url}/v1/chat/completions"
@@ -198,8 +203,16 @@ def bad_requests(url: str) -> list[tuple]:
       c,
       {"content": b'{"model": "tenant0", "prompt": "caf\xe9"}', "headers": {"content-type": "application/json"}},
       400,
-      "",
+      "not valid UTF-8",
     ),
+    ("POST", c, raw('{"model": "tenant0", "prompt": "x", "temperature": NaN}'), 400, "must be a finite number"),
+    ("POST", c, raw('{"model": "tenant0", "prompt": "x", "top_p": Infinity}'), 400, "must be a finite number"),
+    ("POST", c, raw('{"model": "tenant0", "prompt": "ab\\ud800cd"}'), 400, "lone UTF-16 surrogate"),
+    ("POST", c, raw('{"model": "tenant0", "prompt": "x", "max_tokens": ' + "9" * 5000 + "}"), 400, "not usable JSON"),
+    ("POST", c, raw("[" * 100_000 + "]" * 100_000), 400, "nested too deep"),
+    ("POST", c, {"json": {**ok, "stop": False}}, 400, "'stop' must be"),
+    ("POST", c, {"json": {**ok, "stop": ""}}, 400, "'stop' must be"),
+    ("POST", c, {"json": {**ok, "seed": 2**40}}, 400, "'seed' must be in"),
     ("POST", c, {"json": {**ok, "prompt": "z" * (1 << 20)}}, 413, "over the limit"),
     (
       "POST",

@@ -1,8 +1,10 @@
 """Mixtral configuration: a frozen, hashable dataclass usable as a jit static arg.
 
-`MixtralConfig.from_hf(dict)` reads a Hugging Face `config.json`; every key the
-model needs must be present, and a missing or unsupported one raises
-`ConfigError` naming it.
+`MixtralConfig.from_hf(dict, generation=dict)` reads a Hugging Face
+`config.json` (and `generation_config.json`, whose special token ids win, as in
+transformers' `generate`); every key the model needs must be present and of
+its type, and a missing, mistyped or unsupported one raises `ConfigError`
+naming it. `eos_token_id` keeps every id of a list (`eos_ids`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dataclasses
 from typing import Any
 
 from jaxmoe.errors import ConfigError
+from jaxmoe.families import fields
 from jaxmoe.families.base import JsonConfig
 
 # HF keys the Mixtral model cannot do without (no silent defaults for these).
@@ -22,6 +25,20 @@ _REQUIRED_HF_KEYS = (
   "num_attention_heads",
   "num_local_experts",
   "num_experts_per_tok",
+)
+# transformers' ACT2FN maps both to SiLU.
+SILU_NAMES = ("silu", "swish")
+_POSITIVE = (
+  "vocab_size",
+  "hidden_size",
+  "intermediate_size",
+  "num_layers",
+  "num_heads",
+  "num_kv_heads",
+  "num_experts",
+  "top_k",
+  "head_dim",
+  "max_position_embeddings",
 )
 
 
@@ -43,12 +60,17 @@ class MixtralConfig(JsonConfig):
   sliding_window: int | None = None
   max_position_embeddings: int = 32768
   bos_token_id: int | None = 1
-  eos_token_id: int | None = 2
+  eos_token_id: int | tuple[int, ...] | None = 2  # every id that ends a sequence; see eos_ids
   pad_token_id: int | None = None
   dtype: str = "float32"
   architecture: str = "mixtral"
 
   def __post_init__(self):
+    fields.check_fields(self, _POSITIVE)
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ConfigError(f"sliding_window={self.sliding_window} must be >= 1 or null")
+    if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
+      raise ConfigError(f"rope_theta={self.rope_theta} and rms_norm_eps={self.rms_norm_eps} must be > 0")
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
         f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
@@ -82,45 +104,42 @@ class MixtralConfig(JsonConfig):
     return self.max_position_embeddings
 
   @classmethod
-  def from_hf(cls, hf: dict[str, Any], dtype: str = "float32") -> MixtralConfig:
-    """Builds a config from a HF Mixtral `config.json` dict."""
+  def from_hf(cls, hf: dict[str, Any], dtype: str = "float32", generation: dict | None = None) -> MixtralConfig:
+    """Builds a config from a HF Mixtral `config.json` dict (and `generation_config.json`'s, if any)."""
     model_type = hf.get("model_type")
     if model_type != "mixtral":
       raise ConfigError(f"config.json: model_type={model_type!r}, expected 'mixtral'")
     for key in _REQUIRED_HF_KEYS:
-      if hf.get(key) is None:
-        raise ConfigError(f"config.json: missing required key {key!r}")
-    if hf.get("hidden_act", "silu") != "silu":
-      raise ConfigError(f"config.json: hidden_act={hf['hidden_act']!r} unsupported (only 'silu')")
-    if hf.get("tie_word_embeddings"):
+      fields.hf_int(hf, key)
+    act = hf.get("hidden_act", "silu")
+    if act not in SILU_NAMES:
+      raise ConfigError(f"config.json: hidden_act={act!r} unsupported (only 'silu', also spelled 'swish')")
+    if fields.hf_bool(hf, "tie_word_embeddings", False):
       raise ConfigError("config.json: tie_word_embeddings=true unsupported (Mixtral unties the LM head)")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope = fields.hf_dict(hf, "rope_parameters") or fields.hf_dict(hf, "rope_scaling")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
       raise ConfigError(f"config.json: rope_type={rope_type!r} unsupported (only 'default')")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 1e6))
+    theta = fields.hf_number(rope, "rope_theta", fields.hf_number(hf, "rope_theta", 1e6))
     heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    eos = hf.get("eos_token_id")
-    if isinstance(eos, list):
-      eos = eos[0] if eos else None
+    window = hf.get("sliding_window")
     return cls(
       vocab_size=hf["vocab_size"],
       hidden_size=hf["hidden_size"],
       intermediate_size=hf["intermediate_size"],
       num_layers=hf["num_hidden_layers"],
       num_heads=heads,
-      num_kv_heads=hf.get("num_key_value_heads") or heads,
+      num_kv_heads=fields.hf_int(hf, "num_key_value_heads", heads),
       num_experts=hf["num_local_experts"],
       top_k=hf["num_experts_per_tok"],
-      head_dim=head_dim,
-      rope_theta=float(theta),
-      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-      sliding_window=hf.get("sliding_window"),
-      max_position_embeddings=hf.get("max_position_embeddings", 32768),
-      bos_token_id=hf.get("bos_token_id"),
-      eos_token_id=eos,
-      pad_token_id=hf.get("pad_token_id"),
+      head_dim=fields.hf_int(hf, "head_dim", hf["hidden_size"] // heads),
+      rope_theta=theta,
+      rms_norm_eps=fields.hf_number(hf, "rms_norm_eps", 1e-5),
+      sliding_window=None if window is None else fields.hf_int(hf, "sliding_window"),
+      max_position_embeddings=fields.hf_int(hf, "max_position_embeddings", 32768),
+      bos_token_id=fields.hf_token(hf, generation, "bos_token_id"),
+      eos_token_id=fields.hf_token(hf, generation, "eos_token_id", many=True),
+      pad_token_id=fields.hf_token(hf, generation, "pad_token_id"),
       dtype=dtype,
     )
 

@@ -6,7 +6,11 @@ optional keys take HF's defaults, an `encoder_sparse_step` /
 `decoder_sparse_step` written in the file wins over the one derived from
 `num_sparse_*_layers`, and a block is sparse (an MoE layer) iff
 `i % step == 1 or step == 1` (never when step is 0). Keys the model cannot do
-without, or values it does not implement, raise `ConfigError` naming them.
+without, values of the wrong type, or values it does not implement raise
+`ConfigError` naming them. Special token ids come from generation_config.json
+first, as transformers' `generate` takes them; `eos_token_id` keeps every id
+of a list. The decoder starts from decoder_start_token_id, else bos_token_id;
+with neither, the config is refused, as transformers refuses to generate.
 
 `routing` is not HF's: DROPLESS (the serving default) runs every token through
 its expert; HF_CAPACITY drops tokens over `expert_capacity` per sequence
@@ -20,10 +24,22 @@ import enum
 from typing import Any
 
 from jaxmoe.errors import ConfigError
+from jaxmoe.families import fields
 from jaxmoe.families.base import JsonConfig
 
 ARCHITECTURE = "switch"
 _REQUIRED_HF_KEYS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "num_experts")
+_POSITIVE = (
+  "vocab_size",
+  "hidden_size",
+  "intermediate_size",
+  "num_heads",
+  "head_dim",
+  "num_encoder_layers",
+  "num_decoder_layers",
+  "num_experts",
+  "expert_capacity",
+)
 
 
 class Routing(enum.Enum):
@@ -61,7 +77,7 @@ class SwitchConfig(JsonConfig):
   layer_norm_eps: float = 1e-6
   tie_word_embeddings: bool = True  # LM head = embed.T on outputs scaled by D**-0.5
   pad_token_id: int | None = 0
-  eos_token_id: int | None = 1
+  eos_token_id: int | tuple[int, ...] | None = 1  # every id that ends a sequence; see eos_ids
   bos_token_id: int | None = None
   decoder_start_token_id: int = 0
   routing: Routing = Routing.DROPLESS
@@ -69,13 +85,16 @@ class SwitchConfig(JsonConfig):
   architecture: str = ARCHITECTURE
 
   def __post_init__(self):
-    if isinstance(self.routing, str):  # from JSON
+    if isinstance(self.routing, str) and self.routing in {r.value for r in Routing}:  # from JSON
       object.__setattr__(self, "routing", Routing(self.routing))
+    if not isinstance(self.routing, Routing):
+      raise ConfigError(f"routing={self.routing!r} must be one of {[r.value for r in Routing]}")
     if self.architecture != ARCHITECTURE:
       raise ConfigError(f"architecture={self.architecture!r}, expected {ARCHITECTURE!r}")
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "head_dim", "num_experts"):
-      if getattr(self, name) < 1:
-        raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+    fields.check_fields(self, _POSITIVE)
+    for name in ("encoder_sparse_step", "decoder_sparse_step", "relative_attention_max_distance"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
     if self.relative_attention_num_buckets < 4:  # the encoder's half would have no exact bucket
       raise ConfigError(f"relative_attention_num_buckets={self.relative_attention_num_buckets} must be >= 4")
 
@@ -112,14 +131,13 @@ class SwitchConfig(JsonConfig):
     return None
 
   @classmethod
-  def from_hf(cls, hf: dict[str, Any], dtype: str = "float32") -> SwitchConfig:
-    """Builds a config from a HF `switch_transformers` config.json dict."""
+  def from_hf(cls, hf: dict[str, Any], dtype: str = "float32", generation: dict | None = None) -> SwitchConfig:
+    """Builds a config from a HF `switch_transformers` config.json dict (and generation_config.json's)."""
     model_type = hf.get("model_type")
     if model_type != "switch_transformers":
       raise ConfigError(f"config.json: model_type={model_type!r}, expected 'switch_transformers'")
     for key in _REQUIRED_HF_KEYS:
-      if hf.get(key) is None:
-        raise ConfigError(f"config.json: missing required key {key!r}")
+      fields.hf_int(hf, key)
     unsupported = {
       "dense_act_fn": ("relu",),
       "router_dtype": ("float32",),
@@ -130,23 +148,20 @@ class SwitchConfig(JsonConfig):
       if key in hf and hf[key] not in allowed:
         raise ConfigError(f"config.json: {key}={hf[key]!r} unsupported (only {allowed[0]!r})")
     enc_layers = hf["num_layers"]
-    dec_layers = hf.get("num_decoder_layers")
-    dec_layers = enc_layers if dec_layers is None else dec_layers
-    enc_step = hf.get("encoder_sparse_step")
+    dec_layers = fields.hf_int(hf, "num_decoder_layers", enc_layers)
+    enc_step = fields.hf_int(hf, "encoder_sparse_step", None, minimum=0)
     if enc_step is None:
-      enc_step = sparse_step(enc_layers, hf.get("num_sparse_encoder_layers", 3))
-    dec_step = hf.get("decoder_sparse_step")
+      enc_step = sparse_step(enc_layers, fields.hf_int(hf, "num_sparse_encoder_layers", 3, minimum=0))
+    dec_step = fields.hf_int(hf, "decoder_sparse_step", None, minimum=0)
     if dec_step is None:
-      dec_step = sparse_step(dec_layers, hf.get("num_sparse_decoder_layers", 3))
-    eos = hf.get("eos_token_id", 1)
-    if isinstance(eos, list):
-      eos = eos[0] if eos else None
-    pad = hf.get("pad_token_id", 0)
-    start = hf.get("decoder_start_token_id")
-    if start is None:  # transformers' generate falls back to bos; T5 models start from pad
-      start = hf.get("bos_token_id") if hf.get("bos_token_id") is not None else pad
+      dec_step = sparse_step(dec_layers, fields.hf_int(hf, "num_sparse_decoder_layers", 3, minimum=0))
+    bos = fields.hf_token(hf, generation, "bos_token_id")
+    start = fields.hf_token(hf, generation, "decoder_start_token_id", bos)  # transformers falls back to bos
     if start is None:
-      raise ConfigError("config.json: no decoder_start_token_id (nor bos_token_id, pad_token_id)")
+      raise ConfigError(
+        "config.json: no decoder_start_token_id nor bos_token_id (here or in generation_config.json); "
+        "transformers refuses to generate from such a model: set decoder_start_token_id (T5 models use 0, the pad id)"
+      )
     return cls(
       vocab_size=hf["vocab_size"],
       hidden_size=hf["d_model"],
@@ -156,17 +171,17 @@ class SwitchConfig(JsonConfig):
       num_encoder_layers=enc_layers,
       num_decoder_layers=dec_layers,
       num_experts=hf["num_experts"],
-      encoder_sparse_step=int(enc_step),
-      decoder_sparse_step=int(dec_step),
-      expert_capacity=int(hf.get("expert_capacity", 64)),
-      relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
-      relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
-      layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-6)),
-      tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-      pad_token_id=pad,
-      eos_token_id=eos,
-      bos_token_id=hf.get("bos_token_id"),
-      decoder_start_token_id=int(start),
+      encoder_sparse_step=enc_step,
+      decoder_sparse_step=dec_step,
+      expert_capacity=fields.hf_int(hf, "expert_capacity", 64),
+      relative_attention_num_buckets=fields.hf_int(hf, "relative_attention_num_buckets", 32),
+      relative_attention_max_distance=fields.hf_int(hf, "relative_attention_max_distance", 128, minimum=0),
+      layer_norm_eps=fields.hf_number(hf, "layer_norm_epsilon", 1e-6),
+      tie_word_embeddings=fields.hf_bool(hf, "tie_word_embeddings", True),
+      pad_token_id=fields.hf_token(hf, generation, "pad_token_id", 0),
+      eos_token_id=fields.hf_token(hf, generation, "eos_token_id", 1, many=True),
+      bos_token_id=bos,
+      decoder_start_token_id=start,
       dtype=dtype,
     )
 
