@@ -253,7 +253,7 @@ def child_offload(dry_run: bool) -> dict:
       rates.append(sum(len(o["token_ids"]) for o in out) / (time.perf_counter() - start))
     s = engine.summary()
     engine.close()
-    keys = ("expert_cache_misses", "expert_cache_prefetched", "expert_cache_bytes", "expert_cache_s")
+    keys = ("expert_cache_misses", "expert_cache_prefetched", "expert_cache_bytes", "expert_cache_prefetch_bytes")
     return {"share": share, "slots": slots, "tokens_per_s": rates[-1], **{k: s.get(k) for k in keys}}
 
   rows = []

@@ -29,7 +29,6 @@ import json
 import pathlib
 import platform
 import statistics
-import sys
 import time
 
 from absl import app, flags
@@ -104,7 +103,7 @@ def budget_rows(store, name: str, mode, tenants: list[str], n: int, repeats: int
       hits=mid.get("expert_cache_hits"),
       misses=mid.get("expert_cache_misses"),
       prefetched=mid.get("expert_cache_prefetched"),
-      fetched_mb=None if gb is None else mid["expert_cache_bytes"] / 1e6,
+      fetched_mb=None if gb is None else (mid["expert_cache_bytes"] + mid["expert_cache_prefetch_bytes"]) / 1e6,
       fetch_s=mid.get("expert_cache_s"),
       device_expert_mb=slots * expert / 1e6,
     )
@@ -172,14 +171,14 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 
 def main(argv) -> None:
   del argv
-  sys.path.insert(0, str(pathlib.Path(__file__).parent))
   import jax
-  from decode import bench_config
 
+  from jaxmoe.families.mixtral.config import preset
   from jaxmoe.serving.synthetic import synthetic_store
   from jaxmoe.serving.weights import Mode
 
-  cfg = bench_config()
+  width = dict(hidden_size=256, intermediate_size=512, num_heads=8, num_kv_heads=2, head_dim=32)
+  cfg = preset("tiny").replace(vocab_size=512, num_layers=4, num_experts=8, top_k=2, eos_token_id=None, **width)
   store = synthetic_store(cfg, k=4, seed=0, own_fraction=0.5, noise=0.05)
   repeats = 1 if FLAGS.quick else FLAGS.repeats
   rows = budget_rows(store, "single", Mode.RESIDENT, store.tenants[:1], 8, repeats)

@@ -54,7 +54,8 @@ def format_summary(s: dict) -> str:
     cache = [
       f"expert cache {s['expert_cache_slots']} of {s['expert_pool_slots']} experts: {s['expert_cache_hits']} hits, "
       f"{s['expert_cache_misses']} misses, {s['expert_cache_prefetched']} prefetched, "
-      f"{s['expert_cache_bytes'] / 2**20:.1f} MiB copied in {s['expert_cache_s']:.3f} s"
+      f"{(s['expert_cache_bytes'] + s['expert_cache_prefetch_bytes']) / 2**20:.1f} MiB copied in "
+      f"{s['expert_cache_s']:.3f} s"
     ]
   return "\n".join(
     [

@@ -146,7 +146,7 @@ class Engine:
     maps = [store.slot_maps[t] for t in store.tenants]
     need = experts.min_slots(maps, self.cfg.num_experts, self.config.max_batch, tenants)
     self._min_cache_slots = need
-    slots = int(gb * 1e9 // expert)
+    slots = int(gb * 1e9 / expert + 1e-6)  # a budget given as n experts of bytes / 1e9 holds n
     if slots < need:
       raise ValueError(
         f"expert_cache_gb={gb:g} holds {slots} experts of {expert / 1e6:.3g} MB; one layer's worst case "
@@ -492,6 +492,7 @@ class Engine:
       "expert_cache_hits": st.hits,
       "expert_cache_misses": st.misses,
       "expert_cache_bytes": st.bytes,
+      "expert_cache_prefetch_bytes": st.prefetch_bytes,
       "expert_cache_s": st.seconds,
       "expert_cache_prefetched": st.prefetched,
       "expert_cache_occupancy": cache.occupancy(self.weights.host_slot_maps),

@@ -87,7 +87,8 @@ def _write(buffers: dict, cache_slots, experts: dict):
 class CacheStats:
   hits: int = 0  # routed slots found resident
   misses: int = 0  # routed slots copied in on demand
-  bytes: int = 0  # copied host -> device: (misses + prefetched) experts
+  bytes: int = 0  # copied host -> device on demand: misses x expert bytes (never one twice in a layer)
+  prefetch_bytes: int = 0  # copied ahead: prefetched x expert bytes
   seconds: float = 0.0  # host time spent starting those copies
   prefetched: int = 0  # slots copied ahead of their layer
 
@@ -167,7 +168,7 @@ class ExpertCache:
     start = time.perf_counter()
     self._install(guess[:take], victims[:take])
     self.stats.prefetched += take
-    self.stats.bytes += take * self.host.expert_bytes
+    self.stats.prefetch_bytes += take * self.host.expert_bytes
     self.stats.seconds += time.perf_counter() - start
 
   def _load(self, missing: np.ndarray, protect: np.ndarray) -> None:

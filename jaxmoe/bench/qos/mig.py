@@ -85,7 +85,7 @@ class MigSystem:
     stats = [lane.feed.engine.stats() for lane in self.lanes.values()]
     return {
       "fetch_experts": sum(s.get("expert_cache_misses", 0) + s.get("expert_cache_prefetched", 0) for s in stats),
-      "fetch_bytes": sum(s.get("expert_cache_bytes", 0) for s in stats),
+      "fetch_bytes": sum(s.get("expert_cache_bytes", 0) + s.get("expert_cache_prefetch_bytes", 0) for s in stats),
       "fetch_s": sum(s.get("expert_cache_s", 0.0) for s in stats),
     }
 
