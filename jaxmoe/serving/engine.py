@@ -103,7 +103,11 @@ class Engine:
     self.weights = make_weights(config.mode, store, slots)
     if self.weights.cache is not None and config.pinned_tenants:  # without a cache every expert stays anyway
       try:
-        self.weights.cache.pin(np.concatenate([np.ravel(store.slot_maps[t]) for t in config.pinned_tenants]))
+        try:
+          self.weights.cache.pin(np.concatenate([np.ravel(store.slot_maps[t]) for t in config.pinned_tenants]))
+        except ValueError as e:
+          msg = f"pinned_tenants {list(config.pinned_tenants)}: {e}; raise expert_cache_gb or pin fewer"
+          raise ValueError(msg) from None
         evictable = slots - int(self.weights.cache.pinned_count)
         if evictable < self._min_cache_slots:
           raise ValueError(

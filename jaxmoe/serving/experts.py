@@ -69,6 +69,12 @@ class ArrayPool:
     return {n: [self._slots[n][int(s)] for s in slots] for n in self.leaves}
 
 
+def by_popularity(slot_maps) -> np.ndarray:
+  """Pool slots ordered by how many (tenant, layer, expert) positions use them, most first (stable)."""
+  uses = np.bincount(np.concatenate([np.ravel(m) for m in slot_maps]))
+  return np.argsort(-uses, kind="stable")
+
+
 def min_slots(slot_maps, num_experts: int, rows: int, tenants: int) -> int:
   """Cache slots one layer may need at once: a batch of `rows` rows of up to `tenants` tenants routes to
   at most E experts per tenant, and never to more than the layer's distinct slots (shared experts)."""
@@ -131,7 +137,15 @@ class ExpertCache:
     if int(self._pinned.sum()) + len(np.setdiff1d(slots, np.flatnonzero(self._pinned))) > self.capacity:
       raise ValueError(f"cannot pin {len(slots)} experts in a cache of {self.capacity}")
     self._pinned[slots] = True
-    self._load(slots, protect=slots)
+    self._load(slots[self.cache_of[slots] < 0], protect=slots)
+
+  def fill(self, slots) -> None:
+    """Loads `slots` into empty cache slots (as many as are empty), before serving: not counted as misses."""
+    empty = np.flatnonzero(self.slot_in < 0)
+    slots = np.asarray([s for s in np.asarray(slots, np.int64) if self.cache_of[s] < 0][: len(empty)], np.int64)
+    empty = empty[: len(slots)]
+    for start in range(0, len(slots), 64):  # bounded write programs and staging copies
+      self._install(slots[start : start + 64], empty[start : start + 64])
 
   def ensure(self, slots, layer: int | None = None) -> None:
     """Makes every pool slot in `slots` (any shape, host or device) resident; copies only the misses."""

@@ -23,7 +23,7 @@ import numpy as np
 from jaxmoe.devices import free, pinned_host_sharding, to_device
 from jaxmoe.families import base, registry
 from jaxmoe.nn import moe
-from jaxmoe.serving.experts import ArrayPool, ExpertCache
+from jaxmoe.serving.experts import ArrayPool, ExpertCache, by_popularity
 from jaxmoe.trees import tree_bytes
 
 
@@ -58,6 +58,7 @@ class TenantWeights:
       self.pool, self.cache = to_device(moe.pack(store.pool)), None
     else:  # the pool stays on the host; a device cache holds the experts in use
       self.pool, self.cache = None, ExpertCache(lazy if lazy is not None else ArrayPool(store.pool), cache_slots)
+      self.cache.fill(by_popularity(store.slot_maps.values()))  # start full: the experts most tenants share
     self.host_slot_maps = {t: np.asarray(store.slot_maps[t], np.int32) for t in self.tenants}
     self.slot_maps = {t: to_device(m) for t, m in self.host_slot_maps.items()}
     self.stats = SwitchStats()

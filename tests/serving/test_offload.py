@@ -68,7 +68,7 @@ def test_a_cache_smaller_than_the_pool_serves_the_same_tokens(store, mode):
     assert engine.weights.expert_bytes() == slots * expert_bytes(store)  # the device holds only the cache
     stats = engine.summary()
     assert stats["expert_cache_slots"] == slots
-    assert stats["expert_cache_misses"] > 0
+    assert stats["expert_cache_misses"] > 0 or slots == pool - 1  # the cache starts full of the popular slots
     assert stats["expert_cache_bytes"] == stats["expert_cache_misses"] * expert_bytes(store)
     assert stats["expert_cache_prefetch_bytes"] == stats["expert_cache_prefetched"] * expert_bytes(store)
     engine.close()
@@ -134,3 +134,13 @@ def test_prefetch_brings_back_a_hot_expert_and_spares_the_running_layer():
   assert cache.stats.prefetch_bytes == cache.stats.prefetched * cache.host.expert_bytes
   cache.prefetch(0)  # layer 0 last routed to slot 3, resident: nothing to copy
   assert cache.stats.prefetched == 1
+
+
+def test_pinning_what_is_already_resident_copies_nothing_twice():
+  pool = {"w": np.arange(6, dtype=np.float32)[:, None, None] * np.ones((6, 2, 2), np.float32)}
+  cache = ExpertCache(ArrayPool(pool), capacity=4)
+  cache.fill([5, 4, 3])
+  cache.pin([4, 3, 0])
+  held = sorted(int(s) for s in cache.slot_in if s >= 0)
+  assert held == [0, 3, 4, 5] and cache.stats.misses == 1
+  np.testing.assert_array_equal(np.asarray(cache.buffers["w"])[cache.cache_of[[0, 3, 4, 5]], 0, 0], [0, 3, 4, 5])
