@@ -10,10 +10,12 @@ happens: an unreadable store or requests file, an unwritable output (2).
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import app, flags
 
+from jaxmoe.cli import mesh_flags
 from jaxmoe.cli.common import define_moe_impl, quiet_library_logs
 
 FLAGS = flags.FLAGS
@@ -81,10 +83,13 @@ def serve(lines: list[bytes], engine, out, progress: bool) -> dict:
 def main(argv) -> int:
   del argv
   quiet_library_logs()
+  several_hosts = mesh_flags.start_distributed()  # before anything touches a device
   import jaxmoe
   from jaxmoe.nn.moe import Impl
-  from jaxmoe.serving import Engine, EngineConfig, Mode
+  from jaxmoe.serving import Engine, EngineConfig, Mode, distributed
 
+  if several_hosts and not distributed.is_leader():
+    return follow()
   try:
     with open(FLAGS.requests, "rb") as f:
       lines = f.read().splitlines()
@@ -105,18 +110,47 @@ def main(argv) -> int:
       max_seq_len=FLAGS.max_seq_len,
       max_wait_s=FLAGS.max_wait_s,
       impl=Impl(FLAGS.moe_impl),
+      **mesh_flags.engine_fields(),
     )
     try:
-      engine = Engine(store, config)
+      engine = distributed.lead(Engine(store, config))
     except ValueError as e:
       return fatal(str(e))
-    summary = serve(lines, engine, out, FLAGS.progress)
+    try:
+      summary = serve(lines, engine, out, FLAGS.progress)
+    finally:
+      distributed.stop(engine)
   print(format_summary(summary))
   return 0
 
 
+def follow() -> int:
+  """A process other than 0: the same engine over its devices, running process 0's steps."""
+  import jaxmoe
+  from jaxmoe.nn.moe import Impl
+  from jaxmoe.serving import Engine, EngineConfig, Mode, distributed
+
+  config = EngineConfig(
+    mode=Mode(FLAGS.mode),
+    max_batch=FLAGS.max_batch,
+    max_seq_len=FLAGS.max_seq_len,
+    max_wait_s=FLAGS.max_wait_s,
+    impl=Impl(FLAGS.moe_impl),
+    **mesh_flags.engine_fields(),
+  )
+  distributed.follow(Engine(jaxmoe.load_store(FLAGS.store), config))
+  return 0
+
+
+def _follower_flags() -> bool:
+  pid = FLAGS.process_id if FLAGS.process_id is not None else int(os.environ.get("JAXMOE_PROCESS_ID", "0") or 0)
+  return pid > 0
+
+
 def run():
-  flags.mark_flags_as_required(["store", "requests", "out"])
+  flags.mark_flags_as_required(["store"])
+  for name in ("requests", "out"):  # process 0's files; the other processes of a multi-host run read none
+    flags.register_validator(name, lambda v: v is not None or _follower_flags(), f"--{name} is required")
   app.run(lambda argv: sys.exit(main(argv)))
 
 

@@ -139,6 +139,8 @@ class MeshHooks:
     tokens, rows, ops = m.batch(tokens), m.batch(rows), m.batch(ops)
     with m.context():
       out, kv, rows = getattr(self.family, op)(params, tokens, kv, rows, cfg, impl, ops)
+    if self.observer is not None:
+      self.observer.returned(op, rows)
     return m.gather(out), kv, rows
 
 
