@@ -16,6 +16,7 @@ import sys
 
 from absl import app, flags
 
+from jaxmoe.cli import mesh_flags
 from jaxmoe.cli.common import define_moe_impl, quiet_library_logs
 
 FLAGS = flags.FLAGS
@@ -58,11 +59,12 @@ def fatal(message: str) -> int:
 def main(argv) -> int:
   del argv
   quiet_library_logs()
+  several_hosts = mesh_flags.start_distributed()  # before anything touches a device
   import jaxmoe
   from jaxmoe.nn.moe import Impl
   from jaxmoe.server import ServerConfig, create_app
   from jaxmoe.server.run import bind, uvicorn_config
-  from jaxmoe.serving import EngineConfig, Mode
+  from jaxmoe.serving import Engine, EngineConfig, Mode, distributed
 
   try:
     store = jaxmoe.load_store(FLAGS.store)
@@ -74,7 +76,17 @@ def main(argv) -> int:
     max_seq_len=FLAGS.max_seq_len,
     max_wait_s=FLAGS.max_wait_s,
     impl=Impl(FLAGS.moe_impl),
+    **mesh_flags.engine_fields(),
   )
+  if several_hosts and not distributed.is_leader():  # no HTTP here: run process 0's steps on these devices
+    distributed.follow(Engine(store, engine_config))
+    return 0
+  engines = []
+
+  def make_engine(on_token):
+    engines.append(distributed.lead(Engine(store, engine_config, on_token=on_token)))
+    return engines[-1]
+
   try:
     config = ServerConfig(
       api_key=FLAGS.api_key or os.environ.get("JAXMOE_API_KEY") or None,
@@ -83,7 +95,7 @@ def main(argv) -> int:
       max_body_bytes=FLAGS.max_body_bytes,
       stream_interval_s=FLAGS.stream_interval_s,
     )
-    asgi = create_app(store, engine_config, config)
+    asgi = create_app(store, engine_config, config, make_engine)
   except ValueError as e:
     return fatal(str(e))
   try:
@@ -105,6 +117,9 @@ def main(argv) -> int:
     uvicorn.Server(uvicorn_config(asgi, FLAGS.host, port, FLAGS.log_level)).run(sockets=[sock])
   except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the SIGINT it caught
     pass
+  finally:
+    for engine in engines:  # the followers' loops end with process 0's
+      distributed.stop(engine)
   return 0
 
 
