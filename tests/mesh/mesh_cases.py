@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jaxmoe.families.mixtral import config
+from jaxmoe.families.switch.config import preset as switch_preset
 from jaxmoe.nn import moe as moe_lib
 from jaxmoe.nn import sharding
 from jaxmoe.serving import Engine, EngineConfig, Mode, placement
@@ -23,8 +24,6 @@ from tests.helpers import max_abs
 
 if jax.device_count() < 8:
   pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8", allow_module_level=True)
-
-MESHES = ("expert:4", "data:2,expert:4")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +58,7 @@ def _on_mesh(fn, spec, pool, slot_map, *args):
 
 
 @pytest.mark.parametrize(
-  "spec,impl", [(s, moe_lib.Impl.ROUTED) for s in MESHES] + [("data:2,expert:4", moe_lib.Impl.DENSE)]
+  "spec,impl", [("data:2,expert:4", moe_lib.Impl.ROUTED), ("data:2,expert:4", moe_lib.Impl.DENSE)]
 )
 def test_expert_parallel_moe_equals_one_device(moe_inputs, spec, impl):
   """Routed: bit-identical. Dense: to 1 ulp-ish, because XLA contracts its running sum over the slots
@@ -80,6 +79,11 @@ def store():
   return synthetic_store(config.preset("tiny"), k=3, seed=1, own_fraction=0.5, noise=0.05)
 
 
+@pytest.fixture(scope="module")
+def switch_store():
+  return synthetic_store(switch_preset("tiny-switch"), k=3, seed=1, own_fraction=0.5, noise=0.05)
+
+
 def _serve(store, mode, mesh):
   """Two requests per tenant, short enough for one KV page each: every mode admits pairs (prefill [2, 8])
   and decodes [2] over one page, so each engine compiles two programs."""
@@ -88,7 +92,7 @@ def _serve(store, mode, mesh):
     {
       "id": f"r{i}",
       "model": store.tenants[i % 3],
-      "prompt_ids": rng.integers(0, 256, 2 + i % 4).tolist(),
+      "prompt_ids": rng.integers(0, 250, 2 + i % 4).tolist(),
       "max_tokens": 3,
     }
     for i in range(6)
@@ -119,3 +123,12 @@ def test_engine_on_mesh_equals_one_device_token_for_token(store, one_device, mod
   for dev, held in per_device.items():  # 16 slots over expert:4: exactly a quarter each, no padding
     assert held == pool_bytes // 4, (dev, held, pool_bytes)
   engine.close()
+
+
+def test_switch_engine_on_mesh_equals_one_device(switch_store):
+  """The encoder-decoder family through the same MoE boundary: 24 slots, 3 per device."""
+  want = _serve(switch_store, Mode.MIXED, "")[0]
+  got, engine = _serve(switch_store, Mode.MIXED, "data:2,expert:4")
+  assert got == want
+  pool_bytes = sum(w.nbytes for w in switch_store.pool.values())
+  assert set(engine.mesh.bytes_per_device(engine.weights.pool).values()) == {pool_bytes // 4}
