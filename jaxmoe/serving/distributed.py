@@ -25,7 +25,9 @@ returned, as process 0 does.
 `initialize` starts `jax.distributed` from flags or the environment
 (`JAXMOE_COORDINATOR`, `JAXMOE_NUM_PROCESSES`, `JAXMOE_PROCESS_ID`); with none
 of them it is a no-op (one process). A device step that fails on one process
-fails the whole run (the processes would diverge otherwise).
+fails the whole run (the processes would diverge otherwise). While process 0
+is idle it sends an empty plan every 30 s (`Leader`), as CPU collectives
+time out when processes arrive far apart.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import threading
+import time
 
 import jax
 import numpy as np
@@ -113,11 +117,33 @@ def _rows(plan: dict) -> paged.Rows:
 
 
 class Leader:
-  """Process 0's side: broadcasts each device step's inputs before running it (`MeshHooks.observer`)."""
+  """Process 0's side: broadcasts each device step's inputs before running it (`MeshHooks.observer`).
 
-  def __init__(self, engine):
+  CPU (gloo) collectives give up when the processes arrive too far apart, so
+  while process 0 has nothing to run (a server between requests) a thread
+  sends an empty plan every `keepalive_s`. `lock` orders those against the
+  steps: `MeshHooks` holds it from a step's broadcast to its dispatch, so
+  every process launches its collectives in the same order.
+  """
+
+  def __init__(self, engine, keepalive_s: float | None = 30.0):
     self.engine = engine
     self.last_rows = None  # the rows the last decode returned: followers hold their own copy of them
+    self.lock = threading.RLock()
+    self.last_sent = time.monotonic()
+    self._stopped = threading.Event()
+    if keepalive_s:
+      threading.Thread(target=self._keepalive, args=(keepalive_s,), daemon=True, name="jaxmoe-keepalive").start()
+
+  def _keepalive(self, every: float) -> None:
+    while not self._stopped.wait(every / 4):
+      with self.lock:
+        if not self._stopped.is_set() and time.monotonic() - self.last_sent >= every:
+          self._send({"op": np.array("noop")})
+
+  def _send(self, plan: dict) -> None:
+    _broadcast(_pack(plan))
+    self.last_sent = time.monotonic()
 
   def __call__(self, op: str, tokens, rows, ops) -> None:
     plan = {"op": np.array(op), "tokens": np.asarray(tokens)}
@@ -129,7 +155,7 @@ class Leader:
       plan["reuse_rows"] = np.array(1)
     else:
       plan.update(_flat_rows(rows))
-    _broadcast(_pack(plan))
+    self._send(plan)
 
   def returned(self, op: str, rows) -> None:
     if op == "decode":
@@ -137,7 +163,10 @@ class Leader:
 
   def stop(self) -> None:
     """Ends the followers' loops (call once, when process 0 is done serving)."""
-    _broadcast(_pack({"op": np.array("stop")}))
+    with self.lock:
+      if not self._stopped.is_set():
+        self._stopped.set()
+        self._send({"op": np.array("stop")})
 
 
 def lead(engine):
@@ -163,6 +192,8 @@ def follow(engine) -> int:
     op = str(plan["op"])
     if op == "stop":
       return steps
+    if op == "noop":
+      continue
     if "ids" in plan:
       params, ops = weights.stacked, MixedTenants(plan["ids"], len(weights.tenants))
     else:

@@ -133,14 +133,19 @@ class MeshHooks:
     return self.run("decode", params, tokens, kv, rows, cfg, impl, ops)
 
   def run(self, op: str, params, tokens, kv, rows, cfg, impl, ops):
-    if self.observer is not None:
+    if self.observer is None:
+      return self._run(op, params, tokens, kv, rows, cfg, impl, ops)
+    with self.observer.lock:  # the broadcast and the step's collectives, in the same order everywhere
       self.observer(op, tokens, rows, ops)
+      out, kv, rows = self._run(op, params, tokens, kv, rows, cfg, impl, ops)
+      self.observer.returned(op, rows)
+      return out, kv, rows
+
+  def _run(self, op: str, params, tokens, kv, rows, cfg, impl, ops):
     m = self.mesh
     tokens, rows, ops = m.batch(tokens), m.batch(rows), m.batch(ops)
     with m.context():
       out, kv, rows = getattr(self.family, op)(params, tokens, kv, rows, cfg, impl, ops)
-    if self.observer is not None:
-      self.observer.returned(op, rows)
     return m.gather(out), kv, rows
 
 
