@@ -23,7 +23,13 @@ For each model shape and mesh, with K tenants consolidated into one pool
     this CPU, alone and on forced host devices (those share the CPU's cores,
     so that column checks the mechanism, not the speed).
   - "ideal": the single-device roofline / n, the reference of issue 18's goal
-    (8x22B, K = 4, 8 H200, batch 32: within 1.2x of it).
+    (8x22B, K = 4, 8 H200, batch 32: within 1.2x of it);
+  - two designs on paper only, on NVLink 4: `attention_split` (attention and
+    the LM head split over the devices too, so backbones are not read in
+    full by every device) and `F_split` (that, and every expert split over
+    its F dim instead of whole slots per device: no per-layer imbalance; the
+    all-reduce is the same, but the products' summation order changes, so it
+    is exact to float tolerance only).
 
 Interconnect figures are vendor datasheet numbers per direction per device,
 not measured here: NVLink 4 450 GB/s (900 GB/s bidirectional, H100/H200
@@ -186,6 +192,10 @@ def estimate(case, trials: int, measured_step_s: float | None = None) -> dict:
   # What splitting attention and the LM head over the devices too (a `model` axis) would give.
   split = t1 * (slowest + (backbone_read + kv_read / n_data) / n_exp) / one_total
   out["NVLink 4_ms_attention_split"] = 1e3 * (split + all_reduce / LINKS["NVLink 4"][0] + s.layers * 10e-6)
+  # And every expert split over its F dim as well (each device 1/n of every expert: no slot granularity).
+  even = t1 * (expert_read / n_exp + (backbone_read + kv_read / n_data) / n_exp) / one_total
+  out["NVLink 4_ms_F_split"] = 1e3 * (even + all_reduce / LINKS["NVLink 4"][0] + s.layers * 10e-6)
+  out["F_split_vs_ideal"] = out["NVLink 4_ms_F_split"] / out["ideal_ms"]
   return out
 
 
@@ -280,6 +290,8 @@ def table(rows: list[dict]) -> str:
     ("PCIe 5_vs_ideal", "{:.2f}"),
     ("ICI (v5p)_ms", "{:.2f}"),
     ("NVLink 4_ms_attention_split", "{:.2f}"),
+    ("NVLink 4_ms_F_split", "{:.2f}"),
+    ("F_split_vs_ideal", "{:.2f}"),
   ]
   lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
   for r in rows:
@@ -293,8 +305,14 @@ def main(argv):
     print(json.dumps(_measure("" if FLAGS.worker == "none" else FLAGS.worker)))
     return
   rows = [estimate(c, FLAGS.trials) for c in CASES]
-  measured = measure_cpu() if FLAGS.measure else []
   out = pathlib.Path(FLAGS.out)
+  previous = out / "results.json"
+  if FLAGS.measure:
+    measured = measure_cpu()
+  elif previous.exists():  # keep the last CPU measurement with the new estimates
+    measured = json.loads(previous.read_text()).get("measured_cpu", [])
+  else:
+    measured = []
   out.mkdir(parents=True, exist_ok=True)
   text = [
     "# Expert parallelism: bytes per device, collective bytes, estimated decode step",

@@ -84,7 +84,7 @@ def switch_store():
   return synthetic_store(switch_preset("tiny-switch"), k=3, seed=1, own_fraction=0.5, noise=0.05)
 
 
-def _serve(store, mode, mesh):
+def _serve(store, mode, mesh, placement="round_robin"):
   """Two requests per tenant, short enough for one KV page each: every mode admits pairs (prefill [2, 8])
   and decodes [2] over one page, so each engine compiles two programs."""
   rng = np.random.default_rng(0)
@@ -97,7 +97,9 @@ def _serve(store, mode, mesh):
     }
     for i in range(6)
   ]
-  engine = Engine(store, EngineConfig(mode=mode, max_batch=2, max_seq_len=16, page_size=8, mesh=mesh))
+  engine = Engine(
+    store, EngineConfig(mode=mode, max_batch=2, max_seq_len=16, page_size=8, mesh=mesh, placement=placement)
+  )
   for r in reqs:
     engine.submit(r)
   out = {o["id"]: (o["token_ids"], o["error"]) for o in engine.run_until_done()}
@@ -112,10 +114,15 @@ def one_device(store):
 
 
 @pytest.mark.parametrize(
-  "mode,mesh", [(Mode.SWAP, "expert:4"), (Mode.RESIDENT, "expert:4"), (Mode.MIXED, "data:2,expert:4")]
+  "mode,mesh,placement",
+  [
+    (Mode.SWAP, "expert:4", "round_robin"),
+    (Mode.RESIDENT, "expert:4", "balanced"),  # other slot numbers, the same programs
+    (Mode.MIXED, "data:2,expert:4", "round_robin"),
+  ],
 )
-def test_engine_on_mesh_equals_one_device_token_for_token(store, one_device, mode, mesh):
-  got, engine = _serve(store, mode, mesh)
+def test_engine_on_mesh_equals_one_device_token_for_token(store, one_device, mode, mesh, placement):
+  got, engine = _serve(store, mode, mesh, placement)
   assert got == one_device, (mode, mesh)
   pool_bytes = sum(w.nbytes for w in store.pool.values())
   per_device = engine.mesh.bytes_per_device(engine.weights.pool)
