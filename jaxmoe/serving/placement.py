@@ -13,7 +13,8 @@ Policies:
                so each layer's experts spread evenly over the devices
   balanced     longest-processing-time greedy over per-slot loads (routing
                counts recorded in calibration, or `reference_loads`: how many
-               tenants reach each slot), each device capped at Xl slots
+               tenants reach each slot), layer by layer (each layer's slots
+               spread evenly), each device capped at Xl slots
 """
 
 from __future__ import annotations
@@ -73,18 +74,46 @@ def round_robin(num_slots: int, n: int) -> Placement:
   return from_devices(np.arange(num_slots) % n, n)
 
 
-def balanced(loads, n: int) -> Placement:
-  """Heaviest slot first onto the least-loaded shard that has room (ties: fewer slots, lower index)."""
+def balanced(loads, n: int, layers=None) -> Placement:
+  """Heaviest slot first onto the least-loaded shard that still takes slots (ties: the one with fewer to take).
+
+  With `layers` [X] (each slot's MoE layer), each layer is balanced on its own:
+  layers run one after another, so a step waits for each layer's busiest
+  shard. A layer's S_l slots are first dealt out as counts, at most
+  ceil(S_l / n) per shard, shards with more room left first (every shard
+  holds at most Xl slots in all); then its slots go heaviest first.
+  """
   loads = np.asarray(loads, np.float64)
+  layers = np.zeros(len(loads), np.int64) if layers is None else np.asarray(layers)
   per = math.ceil(len(loads) / n) if len(loads) else 1
-  heap = [(0.0, 0, d) for d in range(n)]
+  total = np.zeros(n, np.int64)
   devices = np.zeros(len(loads), np.int64)
-  for s in np.argsort(-loads, kind="stable"):
-    load, count, d = heapq.heappop(heap)
-    devices[s] = d
-    if count + 1 < per:
-      heapq.heappush(heap, (load + loads[s], count + 1, d))
+  for layer in np.unique(layers):
+    mine = np.flatnonzero(layers == layer)
+    counts, cap = np.zeros(n, np.int64), math.ceil(len(mine) / n)
+    while counts.sum() < len(mine):
+      for d in sorted(range(n), key=lambda d: (total[d] - per, d)):
+        if counts.sum() < len(mine) and counts[d] < min(cap, per - total[d]):
+          counts[d] += 1
+      cap += 1  # a crowded last layer: relax the spread, never the per-shard size
+    heap = [(0.0, int(counts[d]), d) for d in range(n) if counts[d]]
+    heapq.heapify(heap)
+    for s in mine[np.argsort(-loads[mine], kind="stable")]:
+      load, left, d = heapq.heappop(heap)
+      devices[s] = d
+      if left > 1:
+        heapq.heappush(heap, (load + loads[s], left - 1, d))
+    total += counts
   return from_devices(devices, n)
+
+
+def slot_layers(slot_maps: dict, num_slots: int) -> np.ndarray:
+  """[X] the MoE layer each slot serves (from the tenants' [L, E] maps; -1: no map reaches it)."""
+  layers = np.full(num_slots, -1, np.int64)
+  for m in slot_maps.values():
+    m = np.asarray(m)
+    layers[m.reshape(-1)] = np.repeat(np.arange(m.shape[0]), m.shape[1])
+  return layers
 
 
 def reference_loads(slot_maps: dict, num_slots: int) -> np.ndarray:
@@ -100,7 +129,9 @@ def make(policy: str, num_slots: int, n: int, slot_maps: dict | None = None, loa
   if policy == "round_robin":
     return round_robin(num_slots, n)
   if policy == "balanced":
-    return balanced(loads if loads is not None else reference_loads(slot_maps or {}, num_slots), n)
+    maps = slot_maps or {}
+    layers = slot_layers(maps, num_slots) if maps else None
+    return balanced(loads if loads is not None else reference_loads(maps, num_slots), n, layers)
   raise ValueError(f"unknown placement {policy!r}; known: {list(POLICIES)}")
 
 

@@ -45,3 +45,16 @@ def test_reference_loads_count_tenants_per_slot():
   assert placement.reference_loads(maps, 6).tolist() == [2, 1, 2, 1, 1, 1]
   p = placement.make("balanced", 6, 2, maps)
   assert placement.shard_loads(p, placement.reference_loads(maps, 6)).tolist() == [4, 4]
+
+
+def test_balanced_spreads_each_layer_and_its_load():
+  # Two layers of 8 slots; in each, the first four are reached by three tenants.
+  loads = np.array([3, 3, 3, 3, 1, 1, 1, 1] * 2, float)
+  layers = np.repeat([0, 1], 8)
+  p = placement.balanced(loads, 4, layers)
+  for layer in (0, 1):
+    mine = layers == layer
+    assert np.bincount(p.devices()[mine], minlength=4).tolist() == [2, 2, 2, 2]
+    assert np.bincount(p.devices()[mine], weights=loads[mine], minlength=4).tolist() == [4, 4, 4, 4]
+  maps = {"a": np.array([[0, 1], [2, 3]]), "b": np.array([[0, 4], [2, 5]])}
+  assert placement.slot_layers(maps, 7).tolist() == [0, 0, 1, 1, 0, 1, -1]
