@@ -65,6 +65,8 @@ def test_expert_parallel_moe_equals_one_device(moe_inputs, spec, impl):
   into fused multiply-adds, whose rounding depends on which slots a device holds."""
   pool, tokens, logits, maps = moe_inputs
   fn = _moe_fn(impl)
+  if impl is moe_lib.Impl.DENSE:  # the reference strategy: one map kind is enough (it compiles slowly)
+    maps = {k: v for k, v in maps.items() if v.ndim == 2}
   for name, slot_map in maps.items():
     want = np.asarray(fn(tokens, logits, slot_map, pool))  # compiled once per impl and map kind
     got = _on_mesh(fn, spec, pool, slot_map, tokens, logits)
