@@ -85,6 +85,8 @@ def interrupted(prog: str, e: KeyboardInterrupt, what: str) -> int:
 
 def define_engine_flags() -> None:
   """The serving engine's flags, the same names on every entry point that runs an engine."""
+  from jaxmoe.cli import mesh_flags  # noqa: F401  --mesh, --placement and the multi-host flags
+
   flags.DEFINE_enum(
     "mode",
     "mixed",
@@ -130,6 +132,8 @@ def engine_config(store):
     kv_cache_gb=f.kv_cache_gb,
     expert_cache_gb=f.expert_cache_gb,
     pinned_tenants=tuple(f.pinned_tenants),
+    mesh=f.mesh,
+    placement=f.placement,
   )
 
 

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pathlib
 import sys
 
 from absl import app, flags
 
+from jaxmoe.cli import mesh_flags
 from jaxmoe.cli.common import (
   define_engine_flags,
   engine_config,
@@ -128,9 +130,23 @@ def run_serve() -> dict:
     store = load_store(FLAGS.store)
   except (OSError, ValueError) as e:
     raise Fatal(f"cannot read --store: {e}") from None
-  engine = build_engine(store)
-  with open_out(out, direct) as f:
-    return serve(lines, engine, f, FLAGS.progress)
+  from jaxmoe.serving import distributed
+
+  engine = distributed.lead(build_engine(store))  # several hosts: the other processes run its steps
+  try:
+    with open_out(out, direct) as f:
+      return serve(lines, engine, f, FLAGS.progress)
+  finally:
+    distributed.stop(engine)
+
+
+def follow() -> int:
+  """A process other than 0 of a multi-host run: the same engine over its devices, running process 0's steps."""
+  from jaxmoe.serving import distributed
+
+  store = load_store(FLAGS.store)
+  distributed.follow(build_engine(store))
+  return 0
 
 
 def main(argv) -> int:
@@ -140,7 +156,11 @@ def main(argv) -> int:
   quiet_library_logs()
   one_line_warnings(PROG)
   terminate_like_interrupt()
+  from jaxmoe.serving import distributed
+
   try:
+    if mesh_flags.start_distributed() and not distributed.is_leader():  # before anything touches a device
+      return follow()
     summary = run_serve()
   except Fatal as e:
     print(f"{PROG}: fatal: {e}", file=sys.stderr)
@@ -151,8 +171,15 @@ def main(argv) -> int:
   return 0
 
 
+def _follower_flags() -> bool:
+  pid = FLAGS.process_id if FLAGS.process_id is not None else int(os.environ.get("JAXMOE_PROCESS_ID", "0") or 0)
+  return pid > 0
+
+
 def run():
-  flags.mark_flags_as_required(["store", "requests", "out"])
+  flags.mark_flags_as_required(["store"])
+  for name in ("requests", "out"):  # process 0's files; the other processes of a multi-host run read none
+    flags.register_validator(name, lambda v: v is not None or _follower_flags(), f"--{name} is required")
   app.run(lambda argv: sys.exit(main(argv)))
 
 

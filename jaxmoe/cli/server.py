@@ -49,13 +49,27 @@ def main(argv) -> int:
   del argv
   quiet_library_logs()
   one_line_warnings("jaxmoe-server")
+  from jaxmoe.cli import mesh_flags
   from jaxmoe.server import ServerConfig, create_app
   from jaxmoe.server.run import bind, uvicorn_config
+  from jaxmoe.serving import Engine, distributed
+
+  several_hosts = mesh_flags.start_distributed()  # before anything touches a device
 
   try:
     store = load_store(FLAGS.store)
   except (OSError, ValueError) as e:
     return fatal(f"cannot read --store: {e}")
+  settings = engine_config(store)
+  if several_hosts and not distributed.is_leader():  # no HTTP here: run process 0's steps on these devices
+    distributed.follow(Engine(store, settings))
+    return 0
+  engines = []
+
+  def make_engine(on_token):
+    engines.append(distributed.lead(Engine(store, settings, on_token=on_token)))
+    return engines[-1]
+
   try:
     config = ServerConfig(
       api_key=FLAGS.api_key or os.environ.get("JAXMOE_API_KEY") or None,
@@ -64,7 +78,7 @@ def main(argv) -> int:
       max_body_bytes=FLAGS.max_body_bytes,
       stream_interval_s=FLAGS.stream_interval_s,
     )
-    asgi = create_app(store, engine_config(store), config)
+    asgi = create_app(store, settings, config, make_engine)
   except ValueError as e:
     return fatal(str(e))
   try:
@@ -86,6 +100,9 @@ def main(argv) -> int:
     uvicorn.Server(uvicorn_config(asgi, FLAGS.host, port, FLAGS.log_level)).run(sockets=[sock])
   except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the SIGINT it caught
     pass
+  finally:
+    for engine in engines:  # the followers' loops end with process 0's
+      distributed.stop(engine)
   return 0
 
 

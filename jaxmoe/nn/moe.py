@@ -34,6 +34,7 @@ import numpy as np
 
 from jaxmoe.axes import ArrayLike, Float, Int, checked
 from jaxmoe.kernels.moe import moe_swiglu
+from jaxmoe.nn import sharding
 
 
 class Router(enum.Enum):
@@ -350,6 +351,10 @@ def moe(
   """
   impl = resolve(spec.impl, pool, spec)
   pool = {n: jnp.asarray(w) for n, w in pool.items()}  # numpy pools cannot be indexed by traced slots
+  if sharding.axis_size("expert") > 1:  # the pool split by slot over a mesh: jaxmoe/nn/moe_parallel.py
+    from jaxmoe.nn.moe_parallel import moe_expert_parallel
+
+    return moe_expert_parallel(x, router_logits, jnp.asarray(slot_map), pool, spec)
   if impl in (Impl.PALLAS, Impl.PALLAS_INTERPRET) and any(w.dtype == jnp.uint16 for w in pool.values()):
     pool = {n: jax.lax.bitcast_convert_type(w, x.dtype) if w.dtype == jnp.uint16 else w for n, w in pool.items()}
   return STRATEGIES[impl](x, router_logits, jnp.asarray(slot_map), pool, spec)

@@ -54,6 +54,7 @@ from jaxmoe.nn.moe import Impl
 from jaxmoe.nn.sampling import SamplingParams
 from jaxmoe.nn.tenancy import MixedTenants, SingleTenant
 from jaxmoe.serving import experts
+from jaxmoe.serving import mesh as mesh_lib
 from jaxmoe.serving import requests as req_lib
 from jaxmoe.serving.detok import TextStream
 from jaxmoe.serving.pages import HostRows, PageAllocator, pages_for
@@ -79,6 +80,8 @@ class EngineConfig:
   expert_cache_gb: float | None = None  # device bytes for experts (10^9); None: the whole pool on the device
   pinned_tenants: tuple[str, ...] = ()  # with an expert cache: tenants whose experts are never evicted
   history: int = 10_000  # recent requests the summary's percentiles cover (memory stays bounded)
+  mesh: str = ""  # 'data:2,expert:4' (jaxmoe/serving/mesh.py); '': one device, no mesh
+  placement: str = "round_robin"  # on a mesh: which expert shard holds each pool slot (serving/placement.py)
 
 
 class Engine:
@@ -94,13 +97,14 @@ class Engine:
   ):
     self.config, self.cfg, self.clock, self.on_token = config, store.config, clock, on_token
     _check_config(config, self.cfg)
-    self.family = registry.of(self.cfg).engine
+    self.mesh = mesh_lib.EngineMesh.create(config.mesh, config.placement)  # None: one device
+    self.family = mesh_lib.hooks(registry.of(self.cfg).engine, self.mesh)
     self.tokenizer = tokenizer if tokenizer is not None else getattr(store, "tokenizer", None)
     unknown = [t for t in config.pinned_tenants if t not in store.tenants]
     if unknown:
       raise ValueError(f"pinned_tenants: {unknown} are not tenants of this store ({store.tenants})")
     slots = self._cache_slots(store)
-    self.weights = make_weights(config.mode, store, slots)
+    self.weights = make_weights(config.mode, store, slots, self.mesh)
     if self.weights.cache is not None and config.pinned_tenants:  # without a cache every expert stays anyway
       try:
         try:
@@ -123,7 +127,7 @@ class Engine:
     self.page_bytes = self.family.page_bytes(self.cfg, q)
     num_pages = _num_pages(config, self.page_bytes, width + cross_width)
     # Committed like the jitted steps' outputs, so the first step does not compile a second variant.
-    self.kv = to_device(self.family.init_kv(self.cfg, num_pages, q))
+    self.kv = self._place_kv(self.family.init_kv(self.cfg, num_pages, q))
     self.pages = PageAllocator(num_pages)
     self.host_rows = HostRows(config.max_batch, width, cross_width)
     self._rows_on_device, self._width_on_device = None, 0
@@ -442,8 +446,11 @@ class Engine:
       for s in [s for s in self.rows if s is not None]:
         self._fail(s, message)
       q = self.config.page_size
-      self.kv = to_device(self.family.init_kv(self.cfg, self.pages.num_pages, q))
+      self.kv = self._place_kv(self.family.init_kv(self.cfg, self.pages.num_pages, q))
     self.host_rows.dirty = True
+
+  def _place_kv(self, kv):
+    return to_device(kv) if self.mesh is None else self.mesh.kv(kv)
 
   # Public state, for code that drives or measures the engine.
   @property

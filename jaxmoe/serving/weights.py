@@ -49,20 +49,33 @@ class TenantWeights:
 
   mode: Mode
 
-  def __init__(self, store, cache_slots: int | None = None):
+  def __init__(self, store, cache_slots: int | None = None, mesh=None):
     self.tenants = list(store.tenants)
     self.index = {name: i for i, name in enumerate(self.tenants)}
+    self.mesh = mesh  # jaxmoe.serving.mesh.EngineMesh: the pool sharded by slot, maps renumbered, rest replicated
     lazy = getattr(store, "host_pool", None)  # a store read lazily off disk (io/store.py)
     total = lazy.num_slots if lazy is not None else moe.num_slots(store.pool)
-    if cache_slots is None or cache_slots >= total:
-      self.pool, self.cache = to_device(moe.pack(store.pool)), None
-    else:  # the pool stays on the host; a device cache holds the experts in use
+    self.cache = None
+    if cache_slots is not None and cache_slots < total:  # the pool stays on the host; the device caches experts
+      if mesh is not None:
+        raise ValueError("an expert cache smaller than the pool is not supported on a mesh yet")
       self.pool, self.cache = None, ExpertCache(lazy if lazy is not None else ArrayPool(store.pool), cache_slots)
       self.cache.fill(by_popularity(store.slot_maps.values()))  # start full: the experts most tenants share
+    elif mesh is None:
+      self.pool = to_device(moe.pack(store.pool))
+    else:
+      self.pool = mesh.pool(moe.pack(store.pool), store.slot_maps)
     self.host_slot_maps = {t: np.asarray(store.slot_maps[t], np.int32) for t in self.tenants}
-    self.slot_maps = {t: to_device(m) for t, m in self.host_slot_maps.items()}
+    self.slot_maps = {t: self._slot_map(store.slot_maps[t]) for t in self.tenants}
     self.stats = SwitchStats()
     self.active: str | None = None
+
+  def _slot_map(self, slot_map):
+    slot_map = np.asarray(slot_map, np.int32)
+    return to_device(slot_map) if self.mesh is None else self.mesh.slot_map(slot_map)
+
+  def _backbone(self, tree):
+    return to_device(tree) if self.mesh is None else self.mesh.replicate(tree)
 
   def params(self, tenant: str) -> dict:
     """Single-tenant params for `tenant`, switching to it first if needed."""
@@ -84,15 +97,15 @@ class TenantWeights:
 
   def close(self) -> None:
     """Frees every device buffer these weights hold."""
-    free(list(vars(self).values()))
+    free([v for k, v in vars(self).items() if k != "mesh"])
 
 
 class ResidentWeights(TenantWeights):
   mode = Mode.RESIDENT
 
-  def __init__(self, store, cache_slots: int | None = None):
-    super().__init__(store, cache_slots)
-    self.backbones = {t: to_device(store.backbones[t]) for t in self.tenants}
+  def __init__(self, store, cache_slots: int | None = None, mesh=None):
+    super().__init__(store, cache_slots, mesh)
+    self.backbones = {t: self._backbone(store.backbones[t]) for t in self.tenants}
 
   def params(self, tenant: str) -> dict:
     if tenant != self.active:
@@ -107,9 +120,9 @@ class ResidentWeights(TenantWeights):
 class SwapWeights(TenantWeights):
   mode = Mode.SWAP
 
-  def __init__(self, store, cache_slots: int | None = None):
-    super().__init__(store, cache_slots)
-    host = pinned_host_sharding()
+  def __init__(self, store, cache_slots: int | None = None, mesh=None):
+    super().__init__(store, cache_slots, mesh)
+    host = pinned_host_sharding() if mesh is None else None  # on a mesh: host numpy, replicated on a switch
     stage = (lambda x: jax.device_put(x, host)) if host is not None else np.asarray
     self.host = {t: jax.tree.map(stage, store.backbones[t]) for t in self.tenants}
     self.device_backbone = None
@@ -117,7 +130,7 @@ class SwapWeights(TenantWeights):
 
   def prefetch(self, tenant: str) -> None:
     if tenant != self.active and (self._prefetched is None or self._prefetched[0] != tenant):
-      self._prefetched = (tenant, to_device(self.host[tenant]))  # async copy
+      self._prefetched = (tenant, self._backbone(self.host[tenant]))  # async copy
 
   def params(self, tenant: str) -> dict:
     if tenant != self.active:
@@ -131,7 +144,7 @@ class SwapWeights(TenantWeights):
     if self._prefetched is not None and self._prefetched[0] == tenant:
       incoming = self._prefetched[1]
     else:
-      incoming = to_device(self.host[tenant])
+      incoming = self._backbone(self.host[tenant])
     old, self.device_backbone, self._prefetched = self.device_backbone, jax.block_until_ready(incoming), None
     if old is not None:
       free(old)
@@ -150,20 +163,20 @@ class SwapWeights(TenantWeights):
 class MixedWeights(TenantWeights):
   mode = Mode.MIXED
 
-  def __init__(self, store, cache_slots: int | None = None):
-    super().__init__(store, cache_slots)
+  def __init__(self, store, cache_slots: int | None = None, mesh=None):
+    super().__init__(store, cache_slots, mesh)
     scanned = registry.of(store.config).layout.SCANNED
     stacked = base.stack_tenants(scanned, [store.backbones[t] for t in self.tenants])
     self.stacked = {
-      "backbone": to_device(stacked),
+      "backbone": self._backbone(stacked),
       "experts": self.pool,
-      "slot_map": to_device(np.stack([np.asarray(store.slot_maps[t], np.int32) for t in self.tenants])),
+      "slot_map": self._slot_map(np.stack([np.asarray(store.slot_maps[t], np.int32) for t in self.tenants])),
     }
 
   def device_bytes(self) -> int:
     return self.expert_bytes() + tree_bytes(self.stacked["backbone"])
 
 
-def make_weights(mode: Mode, store, cache_slots: int | None = None) -> TenantWeights:
+def make_weights(mode: Mode, store, cache_slots: int | None = None, mesh=None) -> TenantWeights:
   cls = {Mode.SWAP: SwapWeights, Mode.RESIDENT: ResidentWeights, Mode.MIXED: MixedWeights}[mode]
-  return cls(store, cache_slots)
+  return cls(store, cache_slots, mesh)

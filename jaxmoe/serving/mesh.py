@@ -1,0 +1,157 @@
+"""The engine on a `jax.sharding.Mesh`: where weights, the KV cache and each step's rows are placed.
+
+`EngineMesh` is the only place the serving path decides shardings, through
+the logical axes of jaxmoe/nn/sharding.py:
+  pool        sharded by slot over `expert`, after a placement renumbers the
+              slots (jaxmoe/serving/placement.py); each process builds only
+              the shards of its own devices, reading only their slots
+  slot maps   renumbered to the placed pool, replicated
+  backbones   replicated (swap mode stages them in host memory as before)
+  batch rows  tokens, block tables, lengths, sampling settings and tenant
+              ids over `data` where the axis divides the batch, else
+              replicated (an admission of one)
+  KV pages    replicated. Splitting the pages over `data` needs a page
+              allocator per data shard and the step mapped over `data`;
+              until then each device holds the whole cache.
+
+`MeshHooks` wraps a family's engine hooks (`admit`, `decode`): it places the
+step's inputs, runs the jitted step under `jax.set_mesh` (which is how the
+MoE boundary finds the `expert` axis and turns expert-parallel, jaxmoe/nn/
+moe_parallel.py), and returns the sampled tokens replicated, so every process
+can read them. Without a mesh the engine does none of this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import numpy as np
+
+from jaxmoe.nn import sharding
+from jaxmoe.serving import placement as placement_lib
+
+
+class EngineMesh:
+  """Shardings of the engine's arrays on one mesh (see module docstring)."""
+
+  def __init__(self, mesh: jax.sharding.Mesh, policy: str = "round_robin"):
+    self.mesh, self.policy = mesh, policy
+    self.expert_shards = mesh.shape.get("expert", 1)
+    self.placement: placement_lib.Placement | None = None
+    self._replicated = sharding.replicated(mesh)
+    self._devices = set(mesh.devices.flat)
+    self._gather = jax.jit(lambda x: x, out_shardings=self._replicated)
+
+  @classmethod
+  def create(cls, spec: str | None, policy: str = "round_robin") -> EngineMesh | None:
+    """The mesh of a `--mesh` spec ('data:2,expert:4'), or None for '' (one device, no mesh)."""
+    if not sharding.parse_mesh(spec):
+      return None
+    return cls(sharding.make_mesh(spec), policy)
+
+  # Weights.
+  def pool(self, pool: dict, slot_maps: dict) -> dict:
+    """The pool placed over `expert` (host leaves [X, ...] in, sharded [n * Xl, ...] out)."""
+    num_slots = next(iter(pool.values())).shape[0]
+    self.placement = placement_lib.make(self.policy, num_slots, self.expert_shards, slot_maps)
+    out = {}
+    for name, leaf in pool.items():
+      shape = (len(self.placement.order), *leaf.shape[1:])
+      target = sharding.named(self.mesh, "pool")
+
+      def shard(index, leaf=leaf, shape=shape):
+        rows = index[0]
+        start, stop = rows.start or 0, shape[0] if rows.stop is None else rows.stop
+        return self.placement.rows(leaf, start, stop)[(slice(None), *index[1:])]
+
+      out[name] = jax.make_array_from_callback(shape, target, shard)
+    return out
+
+  def slot_map(self, slot_map) -> jax.Array:
+    """A slot map in the store's slots -> renumbered to the placed pool, replicated."""
+    if self.placement is None:
+      raise RuntimeError("place the pool before its slot maps")
+    return self.replicate(self.placement.remap(slot_map))
+
+  def replicate(self, tree):
+    return jax.tree.map(lambda x: self._put(x, self._replicated), tree)
+
+  def kv(self, kv):
+    return self.replicate(kv)
+
+  # Each step's rows.
+  def batch(self, tree):
+    """Per-row arrays (leading dim B) over `data` where it divides B; arrays already on the mesh stay."""
+
+    def place(x):
+      if isinstance(x, jax.Array) and x.sharding.device_set == self._devices:
+        return x
+      x = np.asarray(x)
+      return self._put(x, sharding.fitting(self.mesh, x.shape, "batch"))
+
+    return jax.tree.map(place, tree)
+
+  def gather(self, x) -> jax.Array:
+    """x replicated on every device, so that every process can read it."""
+    return self._gather(x)
+
+  def context(self):
+    return jax.set_mesh(self.mesh)
+
+  def _put(self, x, target):
+    if isinstance(x, jax.Array) and x.sharding == target:
+      return x
+    x = np.asarray(x)  # a host value: every process builds its own devices' shards of it
+    return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+
+  # Accounting.
+  def bytes_per_device(self, tree) -> dict:
+    """{device id: bytes of the tree's shards it holds} over this process's devices."""
+    out: dict[int, int] = {}
+    for leaf in jax.tree.leaves(tree):
+      if isinstance(leaf, jax.Array):
+        for s in leaf.addressable_shards:
+          out[s.device.id] = out.get(s.device.id, 0) + s.data.nbytes
+    return out
+
+
+class MeshHooks:
+  """A family's engine hooks run on the mesh; every other attribute is the family's own."""
+
+  def __init__(self, family, mesh: EngineMesh):
+    self.family, self.mesh = family, mesh
+    self.observer = None  # multi-host leader: sees each step's inputs first (jaxmoe/serving/distributed.py)
+
+  def __getattr__(self, name):
+    return getattr(self.family, name)
+
+  def admit(self, params, tokens, kv, rows, cfg, impl, ops):
+    return self.run("admit", params, tokens, kv, rows, cfg, impl, ops)
+
+  def decode(self, params, tokens, kv, rows, cfg, impl, ops):
+    return self.run("decode", params, tokens, kv, rows, cfg, impl, ops)
+
+  def run(self, op: str, params, tokens, kv, rows, cfg, impl, ops):
+    if self.observer is None:
+      return self._run(op, params, tokens, kv, rows, cfg, impl, ops)
+    with self.observer.lock:  # the broadcast and the step's collectives, in the same order everywhere
+      self.observer(op, tokens, rows, ops)
+      out, kv, rows = self._run(op, params, tokens, kv, rows, cfg, impl, ops)
+      self.observer.returned(op, rows)
+      return out, kv, rows
+
+  def _run(self, op: str, params, tokens, kv, rows, cfg, impl, ops):
+    m = self.mesh
+    tokens, rows, ops = m.batch(tokens), m.batch(rows), m.batch(ops)
+    with m.context():
+      out, kv, rows = getattr(self.family, op)(params, tokens, kv, rows, cfg, impl, ops)
+    return m.gather(out), kv, rows
+
+
+def hooks(family, mesh: EngineMesh | None):
+  return family if mesh is None else MeshHooks(family, mesh)
+
+
+def context(mesh: EngineMesh | None):
+  return contextlib.nullcontext() if mesh is None else mesh.context()

@@ -1,0 +1,143 @@
+"""Cases that need 8 devices: run by test_mesh.py in a subprocess with forced host devices.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m pytest tests/mesh/mesh_cases.py
+
+(jax fixes its device count when it starts, and the main test process may have
+started it with one.) Not collected on its own: the name does not match test_*.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from jaxmoe.families.mixtral import config
+from jaxmoe.families.switch.config import preset as switch_preset
+from jaxmoe.nn import moe as moe_lib
+from jaxmoe.nn import sharding
+from jaxmoe.serving import Engine, EngineConfig, Mode, placement
+from jaxmoe.serving.synthetic import synthetic_store
+from tests.helpers import max_abs
+
+if jax.device_count() < 8:
+  pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def moe_inputs():
+  rng = np.random.default_rng(0)
+  t, d, f, x, e = 16, 32, 48, 12, 8
+  pool = {
+    n: (0.2 * rng.standard_normal(s)).astype(np.float32)
+    for n, s in [("w1", (x, d, f)), ("w3", (x, d, f)), ("w2", (x, f, d))]
+  }
+  tokens = rng.standard_normal((t, d)).astype(np.float32)
+  logits = rng.standard_normal((t, e)).astype(np.float32)
+  maps = {
+    "one map [E]": rng.permutation(x)[:e].astype(np.int32),
+    "per-row maps [T, E]": rng.integers(0, x, (t, e)).astype(np.int32),
+  }
+  return pool, tokens, logits, maps
+
+
+@functools.cache
+def _moe_fn(impl):
+  spec = moe_lib.MoeSpec(top_k=2, impl=impl)
+  return jax.jit(lambda x, lg, sm, pool: moe_lib.moe(x, lg, sm, pool, spec))
+
+
+def _on_mesh(fn, spec, pool, slot_map, *args):
+  mesh = sharding.make_mesh(spec)
+  p = placement.round_robin(next(iter(pool.values())).shape[0], mesh.shape["expert"])
+  placed = jax.device_put({n: p.rows(w, 0, len(p.order)) for n, w in pool.items()}, sharding.named(mesh, "pool"))
+  with jax.set_mesh(mesh):
+    return np.asarray(fn(*args, p.remap(slot_map), placed))
+
+
+@pytest.mark.parametrize(
+  "spec,impl", [("data:2,expert:4", moe_lib.Impl.ROUTED), ("data:2,expert:4", moe_lib.Impl.DENSE)]
+)
+def test_expert_parallel_moe_equals_one_device(moe_inputs, spec, impl):
+  """Routed: bit-identical. Dense: to 1 ulp-ish, because XLA contracts its running sum over the slots
+  into fused multiply-adds, whose rounding depends on which slots a device holds."""
+  pool, tokens, logits, maps = moe_inputs
+  fn = _moe_fn(impl)
+  if impl is moe_lib.Impl.DENSE:  # the reference strategy: one map kind is enough (it compiles slowly)
+    maps = {k: v for k, v in maps.items() if v.ndim == 2}
+  for name, slot_map in maps.items():
+    want = np.asarray(fn(tokens, logits, slot_map, pool))  # compiled once per impl and map kind
+    got = _on_mesh(fn, spec, pool, slot_map, tokens, logits)
+    if impl is moe_lib.Impl.ROUTED:
+      assert np.array_equal(got, want), (spec, name, max_abs(got, want))
+    else:
+      np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=f"{spec} {name} {max_abs(got, want)}")
+
+
+@pytest.fixture(scope="module")
+def store():
+  return synthetic_store(config.preset("tiny"), k=3, seed=1, own_fraction=0.5, noise=0.05)
+
+
+@pytest.fixture(scope="module")
+def switch_store():
+  return synthetic_store(switch_preset("tiny-switch"), k=3, seed=1, own_fraction=0.5, noise=0.05)
+
+
+def _serve(store, mode, mesh, placement="round_robin"):
+  """Two requests per tenant, short enough for one KV page each: every mode admits pairs (prefill [2, 8])
+  and decodes [2] over one page, so each engine compiles two programs."""
+  rng = np.random.default_rng(0)
+  reqs = [
+    {
+      "id": f"r{i}",
+      "model": store.tenants[i % 3],
+      "prompt_ids": rng.integers(0, 250, 2 + i % 4).tolist(),
+      "max_tokens": 3,
+    }
+    for i in range(6)
+  ]
+  engine = Engine(
+    store, EngineConfig(mode=mode, max_batch=2, max_seq_len=16, page_size=8, mesh=mesh, placement=placement)
+  )
+  for r in reqs:
+    engine.submit(r)
+  out = {o["id"]: (o["token_ids"], o["error"]) for o in engine.run_until_done()}
+  assert len(out) == len(reqs) and all(err is None for _, err in out.values()), out
+  return out, engine
+
+
+@pytest.fixture(scope="module")
+def one_device(store):
+  """The single-device engine's tokens (swap; tests/serving shows every mode gives the same tokens)."""
+  return _serve(store, Mode.SWAP, "")[0]
+
+
+@pytest.mark.parametrize(
+  "mode,mesh,placement",
+  [
+    (Mode.SWAP, "expert:4", "round_robin"),
+    (Mode.RESIDENT, "expert:4", "balanced"),  # other slot numbers, the same programs
+    (Mode.MIXED, "data:2,expert:4", "round_robin"),
+  ],
+)
+def test_engine_on_mesh_equals_one_device_token_for_token(store, one_device, mode, mesh, placement):
+  got, engine = _serve(store, mode, mesh, placement)
+  assert got == one_device, (mode, mesh)
+  pool_bytes = sum(w.nbytes for w in store.pool.values())
+  per_device = engine.mesh.bytes_per_device(engine.weights.pool)
+  assert len(per_device) == (8 if mesh.startswith("data:2") else 4)
+  for dev, held in per_device.items():  # 16 slots over expert:4: exactly a quarter each, no padding
+    assert held == pool_bytes // 4, (dev, held, pool_bytes)
+  engine.close()
+
+
+def test_switch_engine_on_mesh_equals_one_device(switch_store):
+  """The encoder-decoder family through the same MoE boundary: 24 slots, 3 per device."""
+  want = _serve(switch_store, Mode.MIXED, "")[0]
+  got, engine = _serve(switch_store, Mode.MIXED, "data:2,expert:4")
+  assert got == want
+  pool_bytes = sum(w.nbytes for w in switch_store.pool.values())
+  assert set(engine.mesh.bytes_per_device(engine.weights.pool).values()) == {pool_bytes // 4}
