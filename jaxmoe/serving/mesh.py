@@ -126,10 +126,12 @@ class MeshHooks:
   def __getattr__(self, name):
     return getattr(self.family, name)
 
-  def admit(self, params, tokens, kv, rows, cfg, impl, ops):
+  def admit(self, params, tokens, kv, rows, cfg, impl, ops, cache=None):
+    assert cache is None  # the engine refuses an expert cache on a mesh (serving/weights.py)
     return self.run("admit", params, tokens, kv, rows, cfg, impl, ops)
 
-  def decode(self, params, tokens, kv, rows, cfg, impl, ops):
+  def decode(self, params, tokens, kv, rows, cfg, impl, ops, cache=None):
+    assert cache is None
     return self.run("decode", params, tokens, kv, rows, cfg, impl, ops)
 
   def run(self, op: str, params, tokens, kv, rows, cfg, impl, ops):
