@@ -46,15 +46,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe import buckets, trees
+from jaxmoe import buckets
 from jaxmoe.devices import free, to_device
 from jaxmoe.errors import RequestError
 from jaxmoe.families import registry
 from jaxmoe.nn.moe import Impl
 from jaxmoe.nn.sampling import SamplingParams
 from jaxmoe.nn.tenancy import MixedTenants, SingleTenant
-from jaxmoe.serving import experts
 from jaxmoe.serving import mesh as mesh_lib
+from jaxmoe.serving import offload
 from jaxmoe.serving import requests as req_lib
 from jaxmoe.serving.detok import TextStream
 from jaxmoe.serving.pages import HostRows, PageAllocator, pages_for
@@ -100,24 +100,11 @@ class Engine:
     self.mesh = mesh_lib.EngineMesh.create(config.mesh, config.placement)  # None: one device
     self.family = mesh_lib.hooks(registry.of(self.cfg).engine, self.mesh)
     self.tokenizer = tokenizer if tokenizer is not None else getattr(store, "tokenizer", None)
-    unknown = [t for t in config.pinned_tenants if t not in store.tenants]
-    if unknown:
-      raise ValueError(f"pinned_tenants: {unknown} are not tenants of this store ({store.tenants})")
-    slots = self._cache_slots(store)
+    slots, need = offload.cache_budget(config, store)
     self.weights = make_weights(config.mode, store, slots, self.mesh)
     if self.weights.cache is not None and config.pinned_tenants:  # without a cache every expert stays anyway
       try:
-        try:
-          self.weights.cache.pin(np.concatenate([np.ravel(store.slot_maps[t]) for t in config.pinned_tenants]))
-        except ValueError as e:
-          msg = f"pinned_tenants {list(config.pinned_tenants)}: {e}; raise expert_cache_gb or pin fewer"
-          raise ValueError(msg) from None
-        evictable = slots - int(self.weights.cache.pinned_count)
-        if evictable < self._min_cache_slots:
-          raise ValueError(
-            f"pinned_tenants {list(config.pinned_tenants)} hold {slots - evictable} of the cache's {slots} "
-            f"experts; one layer may need {self._min_cache_slots} more: raise expert_cache_gb or pin fewer"
-          )
+        offload.pin(self.weights.cache, store, config.pinned_tenants, need)
       except ValueError:
         self.weights.close()
         raise
@@ -141,35 +128,13 @@ class Engine:
     self.decode_steps = 0
     self._compiled_at_start = compilations()
 
-  def _cache_slots(self, store) -> int | None:
-    """Experts the device cache holds for expert_cache_gb (None: the whole pool); refuses too small a cache."""
-    gb = self.config.expert_cache_gb
-    if gb is None:
-      return None
-    if not gb > 0:
-      raise ValueError(f"expert_cache_gb={gb} must be > 0")
-    layout = registry.of(self.cfg).layout
-    expert = tree_bytes(trees.abstract(layout.expert_shapes(self.cfg, 1), self.cfg.dtype))
-    tenants = len(store.tenants) if self.config.mode is Mode.MIXED else 1
-    maps = [store.slot_maps[t] for t in store.tenants]
-    need = experts.min_slots(maps, self.cfg.num_experts, self.config.max_batch, tenants)
-    self._min_cache_slots = need
-    slots = int(gb * 1e9 / expert + 1e-6)  # a budget given as n experts of bytes / 1e9 holds n
-    if slots < need:
-      raise ValueError(
-        f"expert_cache_gb={gb:g} holds {slots} experts of {expert / 1e6:.3g} MB; one layer's worst case "
-        f"needs {need} (up to {self.cfg.num_experts} per tenant of a batch): at least expert_cache_gb="
-        f"{need * expert / 1e9:.4g}"
-      )
-    return slots
-
   # Requests in.
   def check(self, request: Request | dict, default_id: str = "request") -> tuple[Request, list[int]]:
     """Validates a request against this engine (fields, tenant, prompt, lengths, KV pages) without
     queueing it. Returns (the Request, its prompt token ids); raises RequestError with the message an
     error response carries."""
     if isinstance(request, Request):  # the same checks as a dict: fields may have been set by hand
-      request = req_lib.parse_request(_as_dict(request), request.id)
+      request = req_lib.parse_request(req_lib.as_dict(request), request.id)
     elif isinstance(request, dict):
       request = req_lib.parse_request(request, default_id)
     else:
@@ -196,7 +161,7 @@ class Engine:
       try:
         checked, prompt = self.check(request, default_id)
       except RequestError as e:
-        rid, model = _id_and_model(request, default_id)
+        rid, model = req_lib.id_and_model(request, default_id)
         self.reject(rid, str(e), model)
         return rid
     seq = Sequence(checked, prompt, self.clock())
@@ -489,24 +454,7 @@ class Engine:
       "requests": self.served.requests,
       "errors": self.served.errors,
       "completion_tokens": self.served.completion_tokens,
-      **self._cache_stats(),
-    }
-
-  def _cache_stats(self) -> dict:
-    cache = self.weights.cache
-    if cache is None:
-      return {}
-    st = cache.stats
-    return {
-      "expert_cache_slots": cache.capacity,
-      "expert_pool_slots": cache.host.num_slots,
-      "expert_cache_hits": st.hits,
-      "expert_cache_misses": st.misses,
-      "expert_cache_bytes": st.bytes,
-      "expert_cache_prefetch_bytes": st.prefetch_bytes,
-      "expert_cache_s": st.seconds,
-      "expert_cache_prefetched": st.prefetched,
-      "expert_cache_occupancy": cache.occupancy(self.weights.host_slot_maps),
+      **offload.stats(self.weights.cache, self.weights.host_slot_maps),
     }
 
   def close(self) -> None:
@@ -537,7 +485,7 @@ class Engine:
       "compilations": compilations() - self._compiled_at_start,
       "device_weight_bytes": self.weights.device_bytes(),
       "kv_bytes": tree_bytes(self.kv),
-      **self._cache_stats(),
+      **offload.stats(self.weights.cache, self.weights.host_slot_maps),
     }
 
 
@@ -562,23 +510,6 @@ def _num_pages(config: EngineConfig, page_bytes: int, pages_per_row: int) -> int
   if pages < 2:
     raise ValueError(f"kv_cache_gb={config.kv_cache_gb} holds {pages} pages of {page_bytes} bytes; at least 2")
   return pages
-
-
-def _as_dict(r: Request) -> dict:
-  out = {k: v for k, v in dataclasses.asdict(r).items() if v is not None}
-  for key in ("prompt_ids", "stop"):
-    if isinstance(out.get(key), tuple):
-      out[key] = list(out[key])
-  return out
-
-
-def _id_and_model(request, default_id: str) -> tuple[str, str | None]:
-  if isinstance(request, Request):
-    return request.id, request.model
-  if isinstance(request, dict):
-    rid, model = request.get("id", default_id), request.get("model")
-    return str(rid) if isinstance(rid, (str, int)) else default_id, model if isinstance(model, str) else None
-  return default_id, None
 
 
 def compilations() -> int:

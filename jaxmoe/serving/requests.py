@@ -228,3 +228,22 @@ def error_response(rid: str, model: str | None, message: str) -> dict:
     "timings": {"queue_s": 0.0, "ttft_s": None, "tpot_s": None, "turnaround_s": 0.0},
     "error": {"message": message, "type": "invalid_request_error"},
   }
+
+
+def as_dict(r: Request) -> dict:
+  """A Request as the dict `parse_request` takes (so a Request is validated exactly as a dict is)."""
+  out = {k: v for k, v in dataclasses.asdict(r).items() if v is not None}
+  for key in ("prompt_ids", "stop"):
+    if isinstance(out.get(key), tuple):
+      out[key] = list(out[key])
+  return out
+
+
+def id_and_model(request, default_id: str) -> tuple[str, str | None]:
+  """The id and model a response to `request` (a Request, a dict or anything) should carry."""
+  if isinstance(request, Request):
+    return request.id, request.model
+  if isinstance(request, dict):
+    rid, model = request.get("id", default_id), request.get("model")
+    return str(rid) if isinstance(rid, (str, int)) else default_id, model if isinstance(model, str) else None
+  return default_id, None
