@@ -69,7 +69,7 @@ def decode_stepped(params, tokens, kv, rows: paged.Rows, cache, cfg, impl: Impl,
 class DecoderOnly:
   """Engine hooks for Mixtral."""
 
-  jitted = (admit, decode, stepped.attend_layer, stepped.experts_layer, _sample_first, _sample_next)
+  jitted = (admit, decode, stepped.first, stepped.between, stepped.last, _sample_first, _sample_next)
   cross = False  # no encoder pages
 
   def init_kv(self, cfg, pages_per_layer: int, page_size: int) -> paged.PagedKV:

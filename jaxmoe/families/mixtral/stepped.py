@@ -2,11 +2,14 @@
 
 The scanned model needs every routed expert on the device before the step
 starts; these programs stop between a layer's router and its experts instead:
-`attend_layer` runs a layer's attention and router and returns the pool slots
-its tokens routed to (a small [T, K] array, the step's one sync per layer);
-the caller makes those slots resident; `experts_layer` runs the layer's experts
-from the cache, the slot map translated pool slot -> cache slot. The layer
-index is an argument, so each program compiles once for every layer. The math
+a program runs a layer's attention and router and returns the pool slots its
+tokens routed to (a small [T, K] array, the step's one sync per layer); the
+caller makes those slots resident; the next program runs the layer's experts
+from the cache (the slot map translated pool slot -> cache slot) and the next
+layer up to its router. So a step is L + 1 dispatches: `first` (embedding,
+layer 0's attention), `between` (layer l's experts, layer l + 1's attention),
+`last` (the last experts, the LM head). The layer index is an argument, so
+each program compiles once for every layer. The math
 is the model's own (`DecoderLayer.attend`, `DecoderLayer.experts`), so outputs
 equal the scanned model's.
 """
@@ -20,7 +23,6 @@ import jax.numpy as jnp
 
 from jaxmoe.families.mixtral.config import MixtralConfig
 from jaxmoe.families.mixtral.model import DecoderLayer, Mixtral, context
-from jaxmoe.nn import paged
 from jaxmoe.nn.moe import Impl, Router, expert_slots, route
 from jaxmoe.nn.tenancy import slot_row
 
@@ -30,10 +32,7 @@ def layer_params(params, layer):
   return jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, layer, keepdims=False), params["backbone"]["layers"])
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl", "decode"), donate_argnames=("kv",))
-def attend_layer(
-  params, layer, x, positions, kv: paged.PagedKV | None, tables, cfg: MixtralConfig, impl: Impl, ops, decode: bool
-):
+def attend(params, layer, x, positions, kv, tables, cfg: MixtralConfig, impl: Impl, ops, decode: bool):
   """Layer `layer`'s attention and router on x [B, T, D] at positions [B, T].
 
   Returns (x after attention, kv, MoE input h, router logits [B, T, E], routed pool slots [B * T, K]).
@@ -49,24 +48,37 @@ def attend_layer(
   return x, kv, h, logits, expert_slots(experts, smap)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl"))
-def experts_layer(params, layer, x, h, logits, cache: dict, cache_of, cfg: MixtralConfig, impl: Impl, ops):
+def experts(params, layer, x, h, logits, cache: dict, cache_of, cfg: MixtralConfig, impl: Impl, ops):
   """Layer `layer`'s experts from the device cache: cache_of [X] maps pool slot -> cache slot."""
   net = DecoderLayer(cfg, impl, tenants=ops.num_tenants)
   smap = cache_of[slot_row(params["slot_map"], layer, ops)]
   return net.apply({"params": layer_params(params, layer)}, x, h, logits, smap, cache, ops, method=DecoderLayer.experts)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def embed(params, tokens, cfg: MixtralConfig, ops):
-  net = Mixtral(cfg, tenants=ops.num_tenants)
-  return net.apply({"params": params["backbone"]}, tokens, ops, method=Mixtral.embed)
+STATIC = ("cfg", "impl", "decode")
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def head(params, x, logits_at, cfg: MixtralConfig, ops):
-  net = Mixtral(cfg, tenants=ops.num_tenants)
-  return net.apply({"params": params["backbone"]}, x, ops, logits_at, method=Mixtral.head)
+@functools.partial(jax.jit, static_argnames=STATIC, donate_argnames=("kv",))
+def first(params, tokens, positions, kv, tables, cfg: MixtralConfig, impl: Impl, ops, decode: bool):
+  """The embedding and layer 0 up to its router (as `attend`)."""
+  x = Mixtral(cfg, tenants=ops.num_tenants).apply({"params": params["backbone"]}, tokens, ops, method=Mixtral.embed)
+  return attend(params, 0, x, positions, kv, tables, cfg, impl, ops, decode)
+
+
+@functools.partial(jax.jit, static_argnames=STATIC, donate_argnames=("kv",))
+def between(params, layer, x, h, logits, cache, cache_of, positions, kv, tables, cfg, impl, ops, decode: bool):
+  """Layer `layer`'s experts, then layer + 1 up to its router: one program, one sync, per layer."""
+  x = experts(params, layer, x, h, logits, cache, cache_of, cfg, impl, ops)
+  return attend(params, layer + 1, x, positions, kv, tables, cfg, impl, ops, decode)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"))
+def last(params, layer, x, h, logits, cache, cache_of, logits_at, cfg: MixtralConfig, impl: Impl, ops):
+  """The last layer's experts and the LM head: float32 logits [B, T (or 1 at logits_at), V]."""
+  x = experts(params, layer, x, h, logits, cache, cache_of, cfg, impl, ops)
+  return Mixtral(cfg, tenants=ops.num_tenants).apply(
+    {"params": params["backbone"]}, x, ops, logits_at, method=Mixtral.head
+  )
 
 
 def run(
@@ -76,10 +88,14 @@ def run(
 
   Returns (float32 logits [B, T or 1, V], kv).
   """
-  x = embed(params, tokens, cfg, ops)
-  for layer in range(cfg.num_layers):
-    x, kv, h, logits, slots = attend_layer(params, layer, x, positions, kv, tables, cfg, impl, ops, decode)
+  x, kv, h, logits, slots = first(params, tokens, positions, kv, tables, cfg, impl, ops, decode)
+  n = cfg.num_layers
+  for layer in range(n - 1):
     cache.ensure(slots, layer)
-    x = experts_layer(params, layer, x, h, logits, cache.buffers, cache.device_map, cfg, impl, ops)
-    cache.prefetch((layer + 1) % cfg.num_layers)  # the next step's first layer after the last
-  return head(params, x, logits_at, cfg, ops), kv
+    args = (params, layer, x, h, logits, cache.buffers, cache.device_map, positions, kv, tables, cfg, impl, ops)
+    x, kv, h, logits, slots = between(*args, decode)
+    cache.prefetch((layer + 2) % n)  # overlaps this program; the next step's layer 0 after the last
+  cache.ensure(slots, n - 1)
+  logits = last(params, n - 1, x, h, logits, cache.buffers, cache.device_map, logits_at, cfg, impl, ops)
+  cache.prefetch(1 % n)
+  return logits, kv
