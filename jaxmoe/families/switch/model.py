@@ -189,6 +189,7 @@ class Block(nn.Module):
       up = jax.nn.relu(ops.linear("BTD,DF->BTF", h, p["wi"]))
       return ops.linear("BTF,FD->BTD", up.astype(h.dtype), p["wo"])
     logits = ops.linear("BTD,DE->BTE", h.astype(F32), p["router"].astype(F32)).reshape(b * t, -1)
+    self.sow("intermediates", "router_logits", logits)  # [B*T, E]; kept only when applied with it mutable (training)
     slot_map = ops.rows(slot_row)
     if slot_map.ndim == 2:  # per-row tenant maps: one copy per token
       slot_map = jnp.repeat(slot_map, t, axis=0)
@@ -254,7 +255,7 @@ class Stack(nn.Module):
     ctx = ctx_fn(g["rel_bias"])
     groups = nn.scan(
       Group,
-      variable_axes={"params": 0},
+      variable_axes={"params": 0, "intermediates": 0},
       split_rngs={"params": True},
       in_axes=(0, nn.broadcast),
       length=layout.num_groups(cfg, self.stack),
