@@ -202,7 +202,7 @@ RECIPES: dict[str, Recipe | SwitchRecipe] = {
     name="switch-demo",
     model=byte_switch(hidden=64, ffn=64, layers=2, experts=8),
     base=Phase(steps=600, peak_lr=3e-3, warmup_steps=50, weight_decay=0.01, seed=0),
-    finetune=Phase(steps=800, peak_lr=2e-3, warmup_steps=30, weight_decay=0.0, seed=1),
+    finetune=Phase(steps=2000, peak_lr=3e-3, warmup_steps=30, weight_decay=0.0, seed=1),
     batch_size=16,
     span_len=64,
   ),
