@@ -17,8 +17,8 @@
 
 With --family=switch the tenants are Switch Transformers (encoder-decoder,
 top-1): a base pretrained with span corruption on the same corpora, fine-tuned
-once per text-to-text task (list a function's parameters, restore a reversed
-word of prose, invert an equation, summarise a record). The prompts are task inputs, decoded
+once per text-to-text task (list a function's parameters, lower-case a word
+of prose written in capitals, invert an equation, summarise a record). The prompts are task inputs, decoded
 greedily, and the quality rows are exact match and ROUGE-L on each tenant's
 held-out task rows (`bench/quality_switch.py` is the full sweep).
 """
@@ -63,10 +63,10 @@ PROMPTS = {
   "arithmetic": ("12+34=", "250-75="),
   "records": ('{"code": 66, "char": "B", ', "2024-03-14,"),
 }
-# Switch tenants: two inputs of each task (prose-reverse: the word between bytes 14 and 15 is backwards).
+# Switch tenants: two inputs of each task (prose-lower: the word between bytes 14 and 15 is in capitals).
 SWITCH_PROMPTS = {
   "code-params": ("def get(self, key, default=None):\n    try:", "def copy_file(src, dst, *, follow=True):"),
-  "prose-reverse": ("The \x0epool\x0f statement ends the loop.", "A module is a file of Python \x0eedoc\x0f."),
+  "prose-lower": ("The \x0ePASS\x0f statement does nothing.", "A module is a file of Python \x0eCODE\x0f."),
   "arithmetic": ("12+34=46", "250-75=175"),
   "record-summary": (
     '{"code": 66, "char": "B", "name": "LATIN CAPITAL LETTER B", "category": "Lu", "bidi": "L"}',

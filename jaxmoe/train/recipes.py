@@ -98,7 +98,7 @@ class SwitchRecipe:
   model: SwitchConfig
   base: Phase
   finetune: Phase
-  tasks: tuple[str, ...] = tasks.TASK_NAMES  # one tenant per task, named after it
+  tasks: tuple[str, ...] = tasks.DEFAULT_TASKS  # one tenant per task, named after it
   batch_size: int = 16
   span_len: int = 64  # bytes of text per pretraining row
   noise_density: float = 0.15  # T5's span corruption: fraction of the bytes masked
@@ -211,7 +211,7 @@ RECIPES: dict[str, Recipe | SwitchRecipe] = {
   "switch-test": SwitchRecipe(
     name="switch-test",
     model=byte_switch(hidden=16, ffn=16, layers=1, experts=4, heads=2),
-    tasks=("code-params", "prose-reverse"),
+    tasks=("code-params", "prose-lower"),
     base=Phase(steps=3, peak_lr=3e-3, warmup_steps=1, seed=0),
     finetune=Phase(steps=2, peak_lr=1e-3, warmup_steps=1, seed=1),
     batch_size=4,

@@ -1,6 +1,6 @@
 """Text-to-text tasks for the Switch tenants, built from the corpora of corpus.py, and span corruption.
 
-Four tasks, one per domain; each is (input, target) byte pairs per split, taken
+Four default tasks, one per domain (and prose-reverse); each is (input, target) byte pairs per split, taken
 from that domain's train or held-out text, so no held-out text is trained on
 (held-out inputs that also occur among the training inputs are dropped).
 Every output follows from its input, so a small model trained for minutes can
@@ -10,9 +10,10 @@ for a 3% comparison to mean anything):
   code-params     a stdlib function's source (its one-line signature first, whole lines,
                   up to 63 bytes) -> its parameter names: "self, key, default" (functions
                   with a parameter besides self)
-  prose-reverse   a window of the language reference (whole lines, up to 61 bytes) with
-                  one word of 4+ letters written backwards between SENTINELS[0] and
-                  SENTINELS[1] -> the word
+  prose-lower     a window of the language reference (whole lines, up to 61 bytes) with
+                  one lower-case word of 4+ letters written in capitals between
+                  SENTINELS[0] and SENTINELS[1] -> the word
+  prose-reverse   the same with one word of 4+ letters written backwards (not a default task)
   arithmetic      an equation of the corpus, "939-396=543" -> the inverse one, "543+396=939"
                   (+ and - swap, * becomes /; held-out lines come from another seed)
   record-summary  a Unicode JSON record -> "LATIN CAPITAL LETTER B (Lu)"; a calendar CSV
@@ -64,15 +65,19 @@ class TaskSpec:
   max_new_tokens: int  # what generation needs for the longest target, EOS included
 
 
-# Inputs are short because training time grows with them; code-params and prose-reverse share a
+# Inputs are short because training time grows with them; code-params and the prose tasks share a
 # shape, so their fine-tunes run one compiled step (records need 96 bytes for the JSON ones).
 TASKS: dict[str, TaskSpec] = {
   "code-params": TaskSpec("code", enc_len=64, dec_len=32, max_new_tokens=32),
   "prose-reverse": TaskSpec("prose", enc_len=64, dec_len=32, max_new_tokens=32),
+  "prose-lower": TaskSpec("prose", enc_len=64, dec_len=32, max_new_tokens=32),
   "arithmetic": TaskSpec("arithmetic", enc_len=16, dec_len=16, max_new_tokens=16),
   "record-summary": TaskSpec("records", enc_len=96, dec_len=32, max_new_tokens=32),
 }
 TASK_NAMES = tuple(TASKS)
+# The switch-demo tenants, one per domain. prose-reverse is not among them: after 2000 steps its
+# tenant answered 1 of 128 held-out rows (reversing is much harder than copying for this model).
+DEFAULT_TASKS = ("code-params", "prose-lower", "arithmetic", "record-summary")
 
 
 def task(name: str) -> TaskSpec:
@@ -133,8 +138,8 @@ def _code_params(split: str, spec: TaskSpec) -> list[tuple[bytes, bytes]]:
   return out
 
 
-def _prose_reverse(split: str, spec: TaskSpec) -> list[tuple[bytes, bytes]]:
-  """Windows of whole lines; one word of 4+ letters written backwards between two sentinels (seeded)."""
+def _prose_marked(split: str, spec: TaskSpec, keep, disguise) -> list[tuple[bytes, bytes]]:
+  """Windows of whole lines; one word w with keep(w) written as disguise(w) between two sentinels (seeded)."""
   rng = np.random.default_rng(0 if split == "train" else 1)
   lines = [ln for ln in _split_text("prose", split).split("\n") if ln.strip() and ln.isascii()]
   open_, close = chr(SENTINELS[0]), chr(SENTINELS[1])
@@ -142,15 +147,23 @@ def _prose_reverse(split: str, spec: TaskSpec) -> list[tuple[bytes, bytes]]:
   for i in range(len(lines)):
     window = _head_lines("\n".join(lines[i : i + 4]), spec.enc_len - 3)  # room for the two sentinels
     words = window.split(" ")
-    picks = [j for j, w in enumerate(words) if w.isalpha() and len(w) >= 4]
+    picks = [j for j, w in enumerate(words) if w.isalpha() and len(w) >= 4 and keep(w)]
     if len(picks) < 2:
       continue
     j = int(picks[rng.integers(0, len(picks))])
     word = words[j]
     if len(word) + 1 <= spec.dec_len:
-      masked = " ".join([*words[:j], open_ + word[::-1] + close, *words[j + 1 :]])
+      masked = " ".join([*words[:j], open_ + disguise(word) + close, *words[j + 1 :]])
       out.append((masked.encode(), word.encode()))
   return out
+
+
+def _prose_reverse(split: str, spec: TaskSpec) -> list[tuple[bytes, bytes]]:
+  return _prose_marked(split, spec, lambda w: True, lambda w: w[::-1])
+
+
+def _prose_lower(split: str, spec: TaskSpec) -> list[tuple[bytes, bytes]]:
+  return _prose_marked(split, spec, str.islower, str.upper)
 
 
 def _arithmetic(split: str, spec: TaskSpec) -> list[tuple[bytes, bytes]]:
@@ -184,6 +197,7 @@ def _record_summary(split: str, spec: TaskSpec) -> list[tuple[bytes, bytes]]:
 _BUILDERS = {
   "code-params": _code_params,
   "prose-reverse": _prose_reverse,
+  "prose-lower": _prose_lower,
   "arithmetic": _arithmetic,
   "record-summary": _record_summary,
 }

@@ -55,9 +55,11 @@ def test_task_pairs_are_what_the_docstring_says():
   params = dict(tasks.pairs("code-params", "heldout"))
   assert all(x.startswith(b"def ") or x.startswith(b"async def ") for x in params)
   assert all(y != b"self" and y.split(b", ")[0] in x.split(b"\n")[0] for x, y in params.items())
+  open_, close = bytes([tasks.SENTINELS[0]]), bytes([tasks.SENTINELS[1]])
   for x, y in tasks.pairs("prose-reverse", "heldout")[:100]:
-    open_, close = bytes([tasks.SENTINELS[0]]), bytes([tasks.SENTINELS[1]])
     assert x.count(open_) == 1 and x.split(open_)[1].split(close)[0] == y[::-1] and y.isalpha()
+  for x, y in tasks.pairs("prose-lower", "heldout")[:100]:
+    assert x.count(open_) == 1 and x.split(open_)[1].split(close)[0] == y.upper() and y.isalpha() and y.islower()
 
 
 def test_span_corruption_restores_the_row():
