@@ -11,6 +11,8 @@ domain (perplexity, KL to its original, top-1 agreement) for:
   merges        weight averaging, task arithmetic, TIES, DARE: one model for all
   consolidated  one store per (distinct experts, metric, owner): each tenant
                 keeps its backbone and router, experts shared by similarity
+  ablation      for every store, the same experts with ONE set of non-expert
+                layers, the mean of the K backbones (no reconfiguration)
 Writes quality.json (everything), quality.md (tables and the goals),
 quality_vs_memory.png and README.md (command, date, versions) under --out.
 """
@@ -21,7 +23,6 @@ import datetime
 import itertools
 import json
 import pathlib
-import platform
 import shlex
 import sys
 import tempfile
@@ -63,6 +64,7 @@ def consolidated_entries(built, cfg, suite, calibration: str) -> list[dict]:
       path = pathlib.Path(tmp) / f"store{i}"
       header = quality.consolidate_at(built.tenants, path, cfg, distinct, Metric(metric), Owner(owner), calibration)
       models = quality.tenant_models(load_store(path))
+      ablation = suite.score(quality.averaged_backbones(models))
       mem = quality.memory(header)
       label = f"consolidated {100 * distinct:.0f}% {metric}/{owner}"
       out.append(
@@ -76,6 +78,7 @@ def consolidated_entries(built, cfg, suite, calibration: str) -> list[dict]:
           owner=owner,
           store_bytes=mem["store_bytes"],
           distinct_experts=mem["distinct_experts"],
+          ablation_scores={t: s.as_dict() for t, s in ablation.items()},
         )
       )
       print(f"[{i + 1}/{len(combos)}] {label}: " + _ppl_line(out[-1]), flush=True)
@@ -93,6 +96,11 @@ def goals(entries: list[dict], tenants: list[str]) -> dict:
   merges = [e for e in entries if e["kind"] == "merge"]
   best_merge = {t: min(m["scores"][t]["perplexity"] for m in merges) for t in tenants}
   specialised = {t: orig[t]["perplexity"] < base[t]["perplexity"] for t in tenants}
+  ablation = [
+    {"label": e["label"], "own_better": {t: _own_better(e, t) for t in tenants}}
+    for e in entries
+    if e["kind"] == "consolidated"
+  ]
   settings = []
   for e in entries:
     if e["kind"] != "consolidated" or abs(e["distinct"] - FLAGS.goal_distinct) > 1e-9:
@@ -118,7 +126,14 @@ def goals(entries: list[dict], tenants: list[str]) -> dict:
     "best_merge_ppl": best_merge,
     "settings": settings,
     "met_by": [s["label"] for s in settings if s["within_goal"] and s["beats_every_merge"]],
+    "ablation": ablation,
+    "ablation_met_by": [a["label"] for a in ablation if all(a["own_better"].values())],
   }
+
+
+def _own_better(e: dict, t: str) -> bool:
+  """Own non-expert layers give tenant t a lower perplexity than the averaged ones (same experts)."""
+  return e["scores"][t]["perplexity"] < e["ablation_scores"][t]["perplexity"]
 
 
 def _goals_md(g: dict) -> list[str]:
@@ -135,6 +150,10 @@ def _goals_md(g: dict) -> list[str]:
       f"- At {100 * g['goal_distinct']:.0f}% distinct experts, every tenant within "
       f"{100 * g['goal_ppl']:.0f}% of its original and better than every merging baseline: {met}"
     ),
+    (
+      f"- Reconfiguration ablation (own non-expert layers beat one averaged set, every tenant, same "
+      f"experts): {len(g['ablation_met_by'])} of {len(g['ablation'])} consolidation settings"
+    ),
     "",
     "| setting | worst ppl increase | within goal | beats every merge |",
     "|---|---:|:---:|:---:|",
@@ -147,24 +166,61 @@ def _goals_md(g: dict) -> list[str]:
   return lines
 
 
+def _change(p: float, ref: float) -> str:
+  return f"{100 * (p / ref - 1):+.1f}%"
+
+
 def _table_md(tenants: list[str], entries: list[dict]) -> list[str]:
   orig = next(e for e in entries if e["kind"] == "original")["scores"]
   lines = [
     "## All settings",
     "",
-    "| setting | memory | " + " | ".join(tenants) + " | mean KL | mean top-1 |",
-    "|---|---:|" + "---:|" * len(tenants) + "---:|---:|",
+    "Last two columns, consolidated rows: the reconfiguration ablation (the same experts, every tenant on "
+    "the mean of the K backbones): its worst perplexity change against the original, and whether each "
+    "tenant's own non-expert layers do better for every tenant.",
+    "",
+    "| setting | memory | "
+    + " | ".join(tenants)
+    + " | mean KL | mean top-1 | averaged non-expert: worst | own better |",
+    "|---|---:|" + "---:|" * len(tenants) + "---:|---:|---:|:---:|",
   ]
   for e in entries:
     cells = []
     for t in tenants:
       p = e["scores"][t]["perplexity"]
-      change = "" if e["kind"] == "original" else f" ({100 * (p / orig[t]['perplexity'] - 1):+.1f}%)"
+      change = "" if e["kind"] == "original" else f" ({_change(p, orig[t]['perplexity'])})"
       cells.append(f"{p:.3f}{change}")
     kl = sum(e["scores"][t]["kl"] for t in tenants) / len(tenants)
     top1 = sum(e["scores"][t]["top1"] for t in tenants) / len(tenants)
     memory = f"{100 * e['memory_fraction']:.1f}%"
-    lines.append(f"| {e['label']} | {memory} | {' | '.join(cells)} | {kl:.4f} | {top1:.3f} |")
+    ablation = " | "
+    if e["kind"] == "consolidated":
+      worst = max(e["ablation_scores"][t]["perplexity"] / orig[t]["perplexity"] - 1 for t in tenants)
+      ablation = f"{100 * worst:+.1f}% | {'yes' if all(_own_better(e, t) for t in tenants) else 'no'}"
+    lines.append(f"| {e['label']} | {memory} | {' | '.join(cells)} | {kl:.4f} | {top1:.3f} | {ablation} |")
+  return lines
+
+
+def _ablation_md(tenants: list[str], entries: list[dict], distinct: float) -> list[str]:
+  """Per tenant perplexity at `distinct`: own non-expert layers against the averaged ones."""
+  orig = next(e for e in entries if e["kind"] == "original")["scores"]
+  lines = [
+    f"## Reconfiguration ablation at {100 * distinct:.0f}% distinct experts",
+    "",
+    "Perplexity (change vs the original) with each tenant's own non-expert layers / with one averaged set, "
+    "the experts the same.",
+    "",
+    "| setting | " + " | ".join(tenants) + " |",
+    "|---|" + "---|" * len(tenants),
+  ]
+  for e in entries:
+    if e["kind"] != "consolidated" or abs(e["distinct"] - distinct) > 1e-9:
+      continue
+    cells = []
+    for t in tenants:
+      own, avg, ref = e["scores"][t]["perplexity"], e["ablation_scores"][t]["perplexity"], orig[t]["perplexity"]
+      cells.append(f"{own:.3f} ({_change(own, ref)}) / {avg:.3f} ({_change(avg, ref)})")
+    lines.append(f"| {e['label']} | {' | '.join(cells)} |")
   return lines
 
 
@@ -179,7 +235,9 @@ def markdown(result: dict) -> str:
   )
   title = f"# Quality vs memory: recipe `{result['recipe']['name']}`, K = {len(tenants)} tenants"
   lines = [title, "", intro, ""]
-  lines += _goals_md(result["goals"]) + [""] + _table_md(tenants, result["entries"])
+  lines += _goals_md(result["goals"]) + [""]
+  lines += _ablation_md(tenants, result["entries"], result["goals"]["goal_distinct"]) + [""]
+  lines += _table_md(tenants, result["entries"])
   return "\n".join(lines) + "\n"
 
 
@@ -190,7 +248,7 @@ def plot(result: dict, path: pathlib.Path) -> None:
 
   tenants, entries = result["tenants"], result["entries"]
   orig = next(e for e in entries if e["kind"] == "original")["scores"]
-  rel = lambda e: sum(e["scores"][t]["perplexity"] / orig[t]["perplexity"] for t in tenants) / len(tenants)
+  rel = lambda e, key="scores": sum(e[key][t]["perplexity"] / orig[t]["perplexity"] for t in tenants) / len(tenants)
   metrics = sorted({e["metric"] for e in entries if e["kind"] == "consolidated"}) or ["-"]
   fig = Figure(figsize=(5.5 * len(metrics), 4.5), layout="constrained")
   axes = fig.subplots(1, len(metrics), squeeze=False)[0]
@@ -200,7 +258,9 @@ def plot(result: dict, path: pathlib.Path) -> None:
     cons = [e for e in entries if e["kind"] == "consolidated" and e["metric"] == metric]
     for owner in sorted({e["owner"] for e in cons}):
       pts = sorted((100 * e["memory_fraction"], rel(e)) for e in cons if e["owner"] == owner)
-      ax.plot(*zip(*pts), marker="o", label=f"consolidated, owner {owner}")
+      (line,) = ax.plot(*zip(*pts), marker="o", label=f"consolidated, owner {owner}")
+      ablated = sorted((100 * e["memory_fraction"], rel(e, "ablation_scores")) for e in cons if e["owner"] == owner)
+      ax.plot(*zip(*ablated), ls="--", marker=".", color=line.get_color(), label=f"  averaged non-expert, {owner}")
     for e in others:
       ax.scatter([100 * e["memory_fraction"]], [rel(e)], marker=markers[e["kind"]], label=e["label"])
     ax.set_yscale("log")
@@ -250,18 +310,9 @@ def readme(result: dict) -> str:
 
 
 def versions() -> dict:
-  import jax
-  import numpy
-  import optax
+  from jaxmoe.eval import quality
 
-  return {
-    "python": platform.python_version(),
-    "jax": jax.__version__,
-    "numpy": numpy.__version__,
-    "optax": optax.__version__,
-    "platform": platform.platform(),
-    "backend": jax.default_backend(),
-  }
+  return quality.environment()
 
 
 def main(argv) -> None:

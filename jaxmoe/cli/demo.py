@@ -2,6 +2,7 @@
 
   jaxmoe-demo                      # first run trains (2-4 min on 2 CPU cores); later runs ~10 s
   jaxmoe-demo --workdir=DIR --distinct=0.5 --metric=l2 --owner=average
+  jaxmoe-demo --family=switch      # Switch tenants, one per text-to-text task (trains first: minutes)
 
 1. Builds or loads the recipe's tenants: a small Mixtral pretrained on the
    Python standard library's source, its English documentation, generated
@@ -13,6 +14,13 @@
 4. Prints the memory of K full copies against the store's, and per tenant the
    held-out perplexity on its own domain: its original fine-tune, consolidated,
    the base, and the best merging baseline (`bench/quality.py` is the full sweep).
+
+With --family=switch the tenants are Switch Transformers (encoder-decoder,
+top-1): a base pretrained with span corruption on the same corpora, fine-tuned
+once per text-to-text task (list a function's parameters, lower-case a word
+of prose written in capitals, invert an equation, summarise a record). The prompts are task inputs, decoded
+greedily, and the quality rows are exact match and ROUGE-L on each tenant's
+held-out task rows (`bench/quality_switch.py` is the full sweep).
 """
 
 from __future__ import annotations
@@ -26,7 +34,10 @@ from absl import app, flags
 from jaxmoe.cli.common import quiet_library_logs
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("recipe", "demo", "Training recipe of the tenants: demo, or test (tiny, for CI).")
+flags.DEFINE_enum("family", "mixtral", ["mixtral", "switch"], "Model family of the tenants.")
+flags.DEFINE_string(
+  "recipe", None, "Training recipe (default: demo, or switch-demo with --family=switch; test / switch-test: tiny, CI)."
+)
 flags.DEFINE_string("workdir", None, "Cache folder (default: $XDG_CACHE_HOME/jaxmoe/demo, else ~/.cache/jaxmoe/demo).")
 flags.DEFINE_float("distinct", 0.5, "Experts kept, as a fraction of the K x L x E of K full copies.")
 flags.DEFINE_enum("metric", "l2", ["l2", "cosine", "output"], "Expert distance of the consolidation.")
@@ -36,9 +47,11 @@ flags.DEFINE_enum(
   ["round_robin", "base", "medoid", "average"],
   "Whose weights a shared expert keeps (see jaxmoe-consolidate --owner).",
 )
-flags.DEFINE_integer("max_tokens", 40, "Tokens generated per prompt.")
-flags.DEFINE_float("temperature", 0.7, "Sampling temperature (top_p 0.9, fixed seeds); 0: greedy.")
-flags.DEFINE_integer("eval_rows", 8, "Held-out rows per domain for the quality rows (bench/quality.py: 64).")
+flags.DEFINE_integer("max_tokens", None, "Tokens generated per prompt (default: 40; Switch: 32).")
+flags.DEFINE_float("temperature", None, "Sampling temperature (top_p 0.9, fixed seeds); 0: greedy (Switch's default).")
+flags.DEFINE_integer(
+  "eval_rows", None, "Held-out rows per domain or task for the quality rows (default 8; Switch: 64)."
+)
 flags.DEFINE_bool("progress", True, "Training progress bars on stderr (first run only).")
 
 PROG = "jaxmoe-demo"
@@ -50,6 +63,18 @@ PROMPTS = {
   "arithmetic": ("12+34=", "250-75="),
   "records": ('{"code": 66, "char": "B", ', "2024-03-14,"),
 }
+# Switch tenants: two inputs of each task (prose-lower: the word between bytes 14 and 15 is in capitals).
+SWITCH_PROMPTS = {
+  "code-params": ("def get(self, key, default=None):\n    try:", "def copy_file(src, dst, *, follow=True):"),
+  "prose-lower": ("The \x0ePASS\x0f statement does nothing.", "A module is a file of Python \x0eCODE\x0f."),
+  "arithmetic": ("12+34=46", "250-75=175"),
+  "record-summary": (
+    '{"code": 66, "char": "B", "name": "LATIN CAPITAL LETTER B", "category": "Lu", "bidi": "L"}',
+    "2024-03-14,Thursday,March,74,11",
+  ),
+}
+# Per family: (default recipe, max_tokens, temperature, eval_rows).
+DEFAULTS = {"mixtral": ("demo", 40, 0.7, 8), "switch": ("switch-demo", 32, 0.0, 64)}
 
 
 def store_for(recipe, built, distinct: float, metric: str, owner: str) -> pathlib.Path:
@@ -58,6 +83,8 @@ def store_for(recipe, built, distinct: float, metric: str, owner: str) -> pathli
   from jaxmoe.eval import quality
   from jaxmoe.train import corpus
 
+  if metric == "output" and recipe.family != "mixtral":
+    raise ValueError("--metric=output needs a calibration step, which only Mixtral has; use l2 or cosine")
   out = built.root / "stores" / f"{metric}-{owner}-{round(100 * distinct)}"
   if not (out / "store.json").is_file():
     calibration = corpus.calibration_text(recipe.domains, recipe.seq_len) if metric == "output" else None
@@ -65,15 +92,18 @@ def store_for(recipe, built, distinct: float, metric: str, owner: str) -> pathli
   return out
 
 
-def serve(store, max_tokens: int, temperature: float) -> list[tuple[str, dict]]:
+def serve(store, prompts: dict, max_tokens: int, temperature: float) -> list[tuple[str, dict]]:
   """Every tenant's prompts in one mixed batch: [(prompt, response)] in submission order."""
   from jaxmoe.serving import Engine, EngineConfig, Mode
 
-  seq_len = min(store.config.max_position_embeddings, 64 + max_tokens)  # prompts are short
+  longest = max(len(p.encode()) + 1 for tenant in store.tenants for p in prompts[tenant])
+  seq_len = max(64, longest) + max_tokens  # the Mixtral prompts are short: 64 + max_tokens
+  limit = store.config.max_positions  # None: relative positions (Switch)
+  seq_len = seq_len if limit is None else min(limit, seq_len)
   engine = Engine(store, EngineConfig(mode=Mode.MIXED, max_batch=8, max_seq_len=seq_len))
-  prompts = {}
+  ids = {}
   for tenant in store.tenants:
-    for i, prompt in enumerate(PROMPTS[tenant]):
+    for i, prompt in enumerate(prompts[tenant]):
       rid = engine.submit(
         {
           "id": f"{tenant}-{i}",
@@ -85,9 +115,9 @@ def serve(store, max_tokens: int, temperature: float) -> list[tuple[str, dict]]:
           "top_p": 0.9,
         }
       )
-      prompts[rid] = prompt
+      ids[rid] = prompt
   done = {r["id"]: r for r in engine.run_until_done()}
-  return [(prompt, done[rid]) for rid, prompt in prompts.items()]
+  return [(prompt, done[rid]) for rid, prompt in ids.items()]
 
 
 def print_generations(served: list[tuple[str, dict]], temperature: float) -> None:
@@ -158,7 +188,37 @@ def print_quality(rows: list[dict], distinct: float, eval_rows: int, seq_len: in
     )
 
 
+def switch_quality(built, store, rows: int) -> dict[str, dict]:
+  """Per tenant, its task's held-out scores: original, consolidated, base, best merge by ROUGE-L."""
+  from jaxmoe.eval import quality, seq2seq
+  from jaxmoe.io import checkpoint
+
+  cfg, base = checkpoint.load(built.base)
+  originals = {t: checkpoint.load(p)[1] for t, p in built.tenants.items()}
+  suite = seq2seq.TaskSuite(cfg, list(originals), rows)
+  out = {"original": suite.score(originals), "consolidated": suite.score(quality.tenant_models(store))}
+  out["base"] = suite.score_shared(base)
+  merges = {label: suite.score_shared(m) for label, m in quality.merged_models(base, originals).items()}
+  best = {t: max(merges, key=lambda label: merges[label][t].rouge_l) for t in suite.tenants}
+  out["best merge"] = {t: merges[best[t]][t] for t in suite.tenants}
+  out["which"] = best
+  return out
+
+
+def print_switch_quality(q: dict, distinct: float, eval_rows: int) -> None:
+  print(
+    f"\nQuality: each tenant on {eval_rows} held-out rows of its own task, greedy, ROUGE-L / exact match "
+    f"(consolidated at {100 * distinct:.0f}% of distinct experts)"
+  )
+  columns = ("original", "consolidated", "base", "best merge")
+  print(f"  {'tenant':<15} " + " ".join(f"{c:>13}" for c in columns) + "  (which merge)")
+  for t in q["original"]:
+    cells = " ".join(f"{q[c][t].rouge_l:>6.3f}/{q[c][t].exact_match:<6.3f}" for c in columns)
+    print(f"  {t:<15} {cells}  {q['which'][t]}")
+
+
 def demo(
+  family: str,
   recipe_name: str,
   workdir: pathlib.Path,
   distinct: float,
@@ -174,13 +234,23 @@ def demo(
 
   start = time.perf_counter()
   recipe = recipes.recipe(recipe_name)
+  if recipe.family != family:
+    raise ValueError(f"recipe {recipe_name!r} trains {recipe.family} tenants, not --family={family}")
+  if family == "switch":
+    from jaxmoe.eval import seq2seq
+
+    seq2seq.rouge_l("", "")  # fails now, not after training, when rouge-score is missing
   built = build.build(recipe, workdir, progress=progress)
   what = f"trained {', '.join(built.trained)}" if built.trained else "loaded from the cache"
   print(f"Tenants {', '.join(built.tenants)}: fine-tunes of one base ({what}, {built.seconds:.1f} s) in {built.root}")
   store = load_store(store_for(recipe, built, distinct, metric, owner))
-  print_generations(serve(store, max_tokens, temperature), temperature)
+  prompts = SWITCH_PROMPTS if family == "switch" else PROMPTS
+  print_generations(serve(store, prompts, max_tokens, temperature), temperature)
   print_memory(store.metadata)
-  print_quality(quality_rows(recipe, built, store, eval_rows), distinct, eval_rows, recipe.seq_len)
+  if family == "switch":
+    print_switch_quality(switch_quality(built, store, eval_rows), distinct, eval_rows)
+  else:
+    print_quality(quality_rows(recipe, built, store, eval_rows), distinct, eval_rows, recipe.seq_len)
   print(f"\ndone in {time.perf_counter() - start:.1f} s")
 
 
@@ -194,20 +264,23 @@ def main(argv) -> int:
     return 1
   from jaxmoe.train.build import default_workdir
 
+  recipe, max_tokens, temperature, eval_rows = DEFAULTS[FLAGS.family]
+  pick = lambda value, default: default if value is None else value
   workdir = pathlib.Path(FLAGS.workdir) if FLAGS.workdir else default_workdir()
   try:
     demo(
-      FLAGS.recipe,
+      FLAGS.family,
+      pick(FLAGS.recipe, recipe),
       workdir,
       FLAGS.distinct,
       FLAGS.metric,
       FLAGS.owner,
-      FLAGS.max_tokens,
-      FLAGS.temperature,
-      FLAGS.eval_rows,
+      pick(FLAGS.max_tokens, max_tokens),
+      pick(FLAGS.temperature, temperature),
+      pick(FLAGS.eval_rows, eval_rows),
       FLAGS.progress,
     )
-  except (KeyError, ValueError, OSError) as e:
+  except (KeyError, ValueError, OSError, ImportError) as e:
     print(f"{PROG}: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
     return 1
   return 0

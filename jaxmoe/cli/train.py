@@ -1,12 +1,14 @@
-"""jaxmoe-train: pretrain a small Mixtral on the stdlib corpora, then fine-tune one tenant per domain.
+"""jaxmoe-train: pretrain a small MoE on the stdlib corpora, then fine-tune one tenant per domain or task.
 
-  jaxmoe-train --recipe=demo                 # 2-4 min on 2 CPU cores; cached afterwards
+  jaxmoe-train --recipe=demo                 # Mixtral: 2-4 min on 2 CPU cores; cached afterwards
   jaxmoe-train --recipe=demo --workdir=runs  # checkpoints under runs/<recipe key>/
+  jaxmoe-train --recipe=switch-demo          # Switch: span-corruption base, one tenant per text-to-text task
 
 Writes jaxmoe checkpoints (the format jaxmoe-convert writes): base/ and
-tenants/<domain>/, then prints each tenant's held-out perplexity on its own
-domain next to the base's. Checkpoints that exist for the same recipe are
-reused; pass them to jaxmoe-consolidate as --tenant=<domain>=<folder>.
+tenants/<tenant>/, then prints each tenant's held-out score next to the
+base's: perplexity on its own domain (Mixtral), or ROUGE-L and exact match on
+its own task (Switch). Checkpoints that exist for the same recipe are reused;
+pass them to jaxmoe-consolidate as --tenant=<tenant>=<folder>.
 """
 
 from __future__ import annotations
@@ -19,19 +21,42 @@ from absl import app, flags
 from jaxmoe.cli.common import quiet_library_logs
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("recipe", "demo", "Training recipe (jaxmoe.train.recipes.RECIPES): demo or test.")
+flags.DEFINE_string(
+  "recipe", "demo", "Training recipe (jaxmoe.train.recipes.RECIPES): demo, test, switch-demo or switch-test."
+)
 flags.DEFINE_string("workdir", None, "Cache folder (default: $XDG_CACHE_HOME/jaxmoe/demo, else ~/.cache/jaxmoe/demo).")
-flags.DEFINE_integer("eval_rows", 32, "Held-out rows per domain for the summary table.")
+flags.DEFINE_integer("eval_rows", 32, "Held-out rows per domain or task for the summary table.")
 flags.DEFINE_bool("progress", True, "Progress bars on stderr.")
 
 PROG = "jaxmoe-train"
 
 
+def switch_summary(built, rows: int) -> str:
+  """Each Switch tenant's ROUGE-L and exact match on its own held-out task: the fine-tune against the base."""
+  from jaxmoe.eval import seq2seq
+  from jaxmoe.io import checkpoint
+
+  cfg, base = checkpoint.load(built.base)
+  suite = seq2seq.TaskSuite(cfg, list(built.tenants), rows)
+  ref = suite.score_shared(base)
+  lines = [f"{'tenant':<15} {'ROUGE-L':>8} {'base':>6} {'exact':>6} {'base':>6} {'ppl':>7} {'base':>7}"]
+  for name, path in built.tenants.items():
+    own = suite.score({name: checkpoint.load(path)[1]})[name]
+    b = ref[name]
+    lines.append(
+      f"{name:<15} {own.rouge_l:>8.3f} {b.rouge_l:>6.3f} {own.exact_match:>6.3f} {b.exact_match:>6.3f} "
+      f"{own.perplexity:>7.3f} {b.perplexity:>7.3f}"
+    )
+  return "\n".join(lines)
+
+
 def summary(recipe, built, rows: int) -> str:
-  """Each tenant's perplexity on its own held-out domain: the fine-tune against the base."""
+  """Each tenant's held-out score on its own domain (Mixtral: perplexity) or task, against the base's."""
   from jaxmoe.eval import evaluate, quality
   from jaxmoe.io import checkpoint
 
+  if recipe.family == "switch":
+    return switch_summary(built, rows)
   cfg, base = checkpoint.load(built.base)
   heldout = quality.heldout(recipe.domains, rows, recipe.seq_len)
   lines = [f"{'tenant':<12} {'own-domain ppl':>14} {'base ppl':>9} {'gain':>7}"]

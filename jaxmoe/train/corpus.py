@@ -50,12 +50,19 @@ class Corpus:
   heldout_starts: np.ndarray
 
 
-def _code() -> tuple[str, str]:
+@functools.cache
+def code_files() -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """The stdlib's top-level .py files' text, sorted by name: (train files, held-out files: every 10th)."""
   root = pathlib.Path(sysconfig.get_paths()["stdlib"])
   train, held = [], []
   for i, path in enumerate(sorted(root.glob("*.py"), key=lambda p: p.name)):
     text = path.read_text(encoding="utf-8", errors="replace")
     (held if i % 10 == 0 else train).append(text)
+  return tuple(train), tuple(held)
+
+
+def _code() -> tuple[str, str]:
+  train, held = code_files()
   return "\n".join(train), "\n".join(held)
 
 

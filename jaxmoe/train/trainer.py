@@ -22,7 +22,7 @@ Axis names (jaxmoe/axes.py): B rows, T tokens, E experts, K top-k, V vocab, L la
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -143,19 +143,22 @@ def train(
   desc: str = "train",
   progress: bool = True,
   log_every: int = 10,
+  step_factory: Callable = make_step,
 ):
   """Runs `phase.steps` updates of every weight but the slot map.
 
   Args:
     params: the served layout of a single model, host or device arrays.
-    batches: yields int32 rows [B, 1 + T].
+    batches: yields int32 rows [B, 1 + T] (or what `step_factory`'s step takes, a tree of arrays).
     cfg, phase, balance_coef: model, optimizer settings, balancing-loss weight.
     desc: progress bar label; progress: show a tqdm bar.
+    step_factory: (cfg, balance_coef) -> (jitted step, optimizer); default Mixtral's
+      `make_step` (Switch: `seq2seq.make_step`).
 
   Returns:
     (params as host numpy arrays, history: [{"step", "loss", "ce", "balance", "grad_norm", "lr"}]).
   """
-  step, opt = make_step(cfg, balance_coef)
+  step, opt = step_factory(cfg, balance_coef)
   slot_map = jnp.asarray(params["slot_map"], jnp.int32)
   trainable = jax.tree.map(lambda x: jnp.array(x, copy=True), {k: v for k, v in params.items() if k != "slot_map"})
   opt_state = init_optimizer(opt, trainable, phase)
@@ -163,7 +166,8 @@ def train(
   with tqdm(total=phase.steps, desc=desc, disable=not progress, unit="step", leave=True) as bar:
     for i in range(phase.steps):
       rate = jnp.float32(lr(i))
-      trainable, opt_state, metrics = step(trainable, opt_state, slot_map, jnp.asarray(next(batches)), rate)
+      batch = jax.tree.map(jnp.asarray, next(batches))
+      trainable, opt_state, metrics = step(trainable, opt_state, slot_map, batch, rate)
       if (i + 1) % log_every == 0 or i + 1 == phase.steps:
         row = {"step": i + 1, **{k: float(v) for k, v in metrics.items()}, "lr": float(rate)}
         history.append(row)

@@ -65,3 +65,28 @@ def test_demo_end_to_end(tmp_path, capsys):
   assert "loaded from the cache" in second
   generations = lambda out: [line for line in out.splitlines() if line.startswith("  [")]
   assert generations(second) == generations(first)
+
+
+def test_switch_demo_end_to_end(tmp_path, capsys):
+  from jaxmoe.cli import demo
+
+  args = ["jaxmoe-demo", "--family=switch", "--recipe=switch-test", f"--workdir={tmp_path}", "--noprogress"]
+  args += ["--max_tokens=4", "--eval_rows=2"]
+  demo.FLAGS(args)
+  assert demo.main(args[:1]) == 0
+  out = capsys.readouterr().out
+  tenants = recipes.recipe("switch-test").tasks
+  assert f"trained base, {', '.join(tenants)}" in out
+  for tenant in tenants:
+    assert f"  [{tenant}] " in out  # its generations, served from the store
+    assert any(line.split()[:1] == [tenant] for line in out.splitlines())  # its quality row
+  assert "Memory: 2 full copies" in out and "ROUGE-L / exact match" in out
+
+
+def test_demo_rejects_a_recipe_of_the_other_family(tmp_path, capsys):
+  from jaxmoe.cli import demo
+
+  args = ["jaxmoe-demo", "--family=switch", "--recipe=test", f"--workdir={tmp_path}", "--noprogress"]
+  demo.FLAGS(args)
+  assert demo.main(args[:1]) == 1
+  assert "trains mixtral tenants, not --family=switch" in capsys.readouterr().err

@@ -193,6 +193,7 @@ class Block(nn.Module):
       return x, kv, h, None
     b, t, _ = h.shape
     logits = ops.linear("BTD,DE->BTE", h.astype(F32), p["router"].astype(F32)).reshape(b * t, -1)
+    self.sow("intermediates", "router_logits", logits)  # [B*T, E]: the training loss balances routing
     return x, kv, h, logits
 
   def cross_attention(self, x, ctx: Context, layer, kv, heads):
@@ -280,7 +281,7 @@ class Stack(nn.Module):
     self.g = {n: self.param(n, _init(n, dtype), _shape(self.tenants, s)) for n, s in own.items()}
     groups = nn.scan(
       Group,
-      variable_axes={"params": 0},
+      variable_axes={"params": 0, "intermediates": 0},
       split_rngs={"params": True},
       in_axes=(0, nn.broadcast),
       length=layout.num_groups(cfg, self.stack),
