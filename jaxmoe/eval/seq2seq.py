@@ -9,8 +9,8 @@ For each row (encoder input, reference target):
                teacher-forced
 Sentinel bytes (tasks.SENTINELS) are removed from outputs before comparing: a
 span-corruption model (the base) answers a masked input as "<sentinel>span".
-Outputs are greedy, decoded with the serving path's functions (encode, prefill,
-decode_step) in fixed-size batches, so every model of one config compiles once
+Outputs are greedy, decoded with the serving path's functions (encode, start,
+decode_step over paged caches) in fixed-size batches, so every model of one config compiles once
 per task shape. Routing is the config's (dropless for jaxmoe's tenants).
 
 Axis names (jaxmoe/axes.py): B rows of one batch, U encoder tokens, T decoder tokens, V vocab.
@@ -25,10 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe import buckets
 from jaxmoe.families.switch import model as switch
 from jaxmoe.families.switch.config import SwitchConfig
-from jaxmoe.generation import CACHE_BLOCK
+from jaxmoe.generation import PAGE_SIZE, contiguous_tables
 from jaxmoe.nn.moe import Impl
 from jaxmoe.train import tasks
 from jaxmoe.trees import Params
@@ -53,19 +52,22 @@ class TaskScores:
 def greedy(params: Params, enc, enc_len, cfg: SwitchConfig, steps: int, impl: Impl = Impl.AUTO):
   """Greedy decoding of `steps` tokens for encoder inputs [B, U] of `enc_len` [B] -> tokens [B, steps] int32."""
   b, u = enc.shape
-  cache = switch.init_cache(cfg, b, buckets.round_up(1 + steps, CACHE_BLOCK), u)
+  width, cross_width = -(-(1 + steps) // PAGE_SIZE), -(-u // PAGE_SIZE)  # pages per row: decoder, encoder
+  kv = switch.init_kv(cfg, 1 + b * (width + cross_width), PAGE_SIZE)
+  tables = jnp.asarray(contiguous_tables(b, width))
+  cross = jnp.asarray(contiguous_tables(b, cross_width, 1 + b * width))
   out = switch.encode(params, enc, enc_len, cfg, impl)
-  start = jnp.full((b, 1), cfg.decoder_start_token_id, jnp.int32)
-  logits, cache = switch.prefill(params, out, enc_len, start, jnp.ones((b,), jnp.int32), cache, cfg, impl)
+  logits, kv = switch.start(params, out, enc_len, kv, tables, cross, cfg, impl)
 
-  def body(carry, _):
-    tok, cache = carry
-    logits, cache = switch.decode_step(params, tok, cache, cfg, impl)
+  def body(carry, step):
+    tok, kv = carry
+    lengths = jnp.full((b,), step, jnp.int32)  # the decoder start token sits at position 0
+    logits, kv = switch.decode_step(params, tok, kv, tables, cross, lengths, enc_len, cfg, impl)
     nxt = jnp.argmax(logits, -1).astype(jnp.int32)
-    return (nxt, cache), nxt
+    return (nxt, kv), nxt
 
   first = jnp.argmax(logits, -1).astype(jnp.int32)
-  _, rest = jax.lax.scan(body, (first, cache), None, length=steps - 1)
+  _, rest = jax.lax.scan(body, (first, kv), jnp.arange(1, steps, dtype=jnp.int32))
   return jnp.concatenate([first[:, None], rest.T], axis=1)
 
 

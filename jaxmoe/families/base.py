@@ -69,7 +69,7 @@ class Family:
   config: type  # frozen dataclass with from_hf(dict, dtype) and from_json(text)
   layout: ModuleType  # param_shapes, EXPERT_NAMES, part_names, moe_parts, join_parts, split_parts, ...
   model: type  # the public model object `jaxmoe.load` returns
-  engine: Any  # the serving engine's hooks (init_cache, check_lengths, admit, decode_step, jitted)
+  engine: Any  # the serving engine's hooks (init_kv, check_lengths, admit, decode, jitted)
   hf_parts: Callable  # (cfg, tensor index, read) -> [(part name, tree)], checked before any read
   calibration_step: Callable | None = None  # one layer on calibration text (consolidation's output metric)
 
