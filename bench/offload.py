@@ -37,6 +37,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("out_dir", "bench/results/offload", "Folder for offload.json, offload.md and offload.png.")
 flags.DEFINE_bool("quick", False, "Fewer repeats (a smoke run).")
 flags.DEFINE_integer("repeats", 3, "Timed runs per budget (median reported).")
+flags.DEFINE_bool("report_only", False, "Re-render offload.md and offload.png from offload.json (no runs).")
 
 SHARES = (1.0, 0.9, 0.75, 0.5, 0.25)
 PROMPT, TOKENS, BATCH = 16, 32, 8
@@ -98,6 +99,7 @@ def budget_rows(store, name: str, mode, tenants: list[str], n: int, repeats: int
     generated = mid["completion_tokens"]
     row.update(
       tokens_per_s=generated / statistics.median(walls),
+      generated=generated,
       wall_s=statistics.median(walls),
       decode_steps=mid["decode_steps"],
       hits=mid.get("expert_cache_hits"),
@@ -133,17 +135,20 @@ def layer_overhead(rows: list[dict], layers: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-  head = "| workload | budget | slots | tokens/s | vs 100% | hits | misses | prefetched | copied MB | copy s |"
-  out = [head, "|" + "---|" * 10]
+  head = (
+    "| workload | budget | slots | tokens/s | vs 100% | hits | misses | hit rate | prefetched | copied MB | "
+    "kB per token | copy s |"
+  )
+  out = [head, "|" + "---|" * 12]
   for r in rows:
     if "refused" in r:
-      out.append(f"| {r['workload']} | {r['share']:.0%} | {r['slots']} | refused: {r['refused']} | | | | | | |")
+      out.append(f"| {r['workload']} | {r['share']:.0%} | {r['slots']} | refused: {r['refused']} |" + " |" * 8)
       continue
     f = lambda k, spec, r=r: "-" if r.get(k) is None else format(r[k], spec)  # noqa: E731
     out.append(
       f"| {r['workload']} | {r['share']:.0%} | {r['slots']}/{r['pool_slots']} | {r['tokens_per_s']:.0f} | "
-      f"{r['ratio']:.2f} | {f('hits', 'd')} | {f('misses', 'd')} | {f('prefetched', 'd')} | "
-      f"{f('fetched_mb', '.0f')} | {f('fetch_s', '.2f')} |"
+      f"{r['ratio']:.2f} | {f('hits', 'd')} | {f('misses', 'd')} | {f('hit_rate', '.1%')} | {f('prefetched', 'd')} | "
+      f"{f('fetched_mb', '.0f')} | {f('kb_per_token', '.0f')} | {f('fetch_s', '.2f')} |"
     )
   return "\n".join(out)
 
@@ -169,8 +174,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
   fig.savefig(path, dpi=120)
 
 
-def main(argv) -> None:
-  del argv
+def measure() -> dict:
   import jax
 
   from jaxmoe.families.mixtral.config import preset
@@ -184,7 +188,7 @@ def main(argv) -> None:
   rows = budget_rows(store, "single", Mode.RESIDENT, store.tenants[:1], 8, repeats)
   rows += budget_rows(store, "mixed", Mode.MIXED, store.tenants, 16, repeats)
   overhead = [layer_overhead([r for r in rows if r["workload"] == w], cfg.num_layers) for w in ("single", "mixed")]
-  result = {
+  return {
     "command": "python bench/offload.py" + (" --quick" if FLAGS.quick else ""),
     "date": time.strftime("%Y-%m-%d"),
     "machine": f"{platform.processor() or platform.machine()}, {jax.device_count()} {jax.default_backend()} device",
@@ -192,9 +196,23 @@ def main(argv) -> None:
     "rows": rows,
     "layer_overhead": overhead,
   }
+
+
+def main(argv) -> None:
+  del argv
   out = pathlib.Path(FLAGS.out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "offload.json").write_text(json.dumps(result, indent=2) + "\n")
+  if FLAGS.report_only:
+    result = json.loads((out / "offload.json").read_text())
+  else:
+    result = measure()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "offload.json").write_text(json.dumps(result, indent=2) + "\n")
+  rows, overhead = result["rows"], result["layer_overhead"]
+  for row in rows:  # derived columns (also for results written before they existed)
+    if row.get("hits") is not None:
+      row["hit_rate"] = row["hits"] / max(1, row["hits"] + row["misses"])
+      tokens = row.get("generated") or row["tokens_per_s"] * row["wall_s"]
+      row["kb_per_token"] = 1e3 * row["fetched_mb"] / max(1.0, tokens)
   text = table(rows)
   lines = [f"- {o['workload']}: {o['overhead_per_layer_ms']:.2f} ms per layer per decode step ({o['share']:.0%} "
            f"budget, {o['misses_per_step']:.2f} misses per step; step {o['step_ms_stepped']:.1f} ms against "
