@@ -32,3 +32,20 @@ def models(converted):
 @pytest.fixture(scope="session")
 def golden():
   return {name: dict(np.load(FIXTURES / name / "golden.npz")) for name in HF_FIXTURES}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops every compiled program after each test module.
+
+  One process compiles thousands of small programs over the suite; each holds
+  mapped code pages, and a long run can reach the kernel's limit on memory
+  mappings (vm.max_map_count, 65530 here), after which XLA crashes in a compile.
+  """
+  yield
+  import gc
+
+  import jax
+
+  jax.clear_caches()
+  gc.collect()
