@@ -8,7 +8,7 @@ For each model shape and mesh, with K tenants consolidated into one pool
   - bytes each device holds: its pool shard (round-robin placement), the
     replicated backbones (mode mixed: all K), the KV cache of the batch;
   - the bytes one device sends per decode step in the MoE all-reduce
-    (jaxmoe/nn/moe_parallel.py: T x D float32 per layer, ring) and, for
+    (jaxmoe/nn/moe.py: T x D float32 per layer, ring) and, for
     comparison, what an all-to-all dispatch + return of the (token, k) pairs
     would send;
   - the estimated decode step on NVLink 4, PCIe 5 and ICI: the single-device
@@ -134,6 +134,8 @@ def routed_slots(rng, maps, batch: int, top_k: int) -> list[np.ndarray]:
 
 
 def estimate(case, trials: int, measured_step_s: float | None = None) -> dict:
+  from jaxmoe.nn import moe
+
   name, k, own, batch, context, mesh = case
   s = SHAPES[name]
   sizes = dict(p.split(":") for p in mesh.split(","))
@@ -164,8 +166,8 @@ def estimate(case, trials: int, measured_step_s: float | None = None) -> dict:
   n = n_exp * n_data
   mesh_bytes = slowest + backbone_read + kv_read / n_data  # backbones replicated; KV read for own rows
   tokens = batch // n_data
-  all_reduce = 2 * (n_exp - 1) / n_exp * tokens * s.d * 4 * s.layers if n_exp > 1 else 0.0
-  all_to_all = 2 * (n_exp - 1) / n_exp * tokens * s.top_k * s.d * s.itemsize * s.layers if n_exp > 1 else 0.0
+  all_reduce = moe.all_reduce_bytes(tokens, s.d, n_exp) * s.layers
+  all_to_all = moe.all_to_all_bytes(tokens, s.d, s.top_k, n_exp, s.itemsize) * s.layers
   out = {
     "model": name,
     "K": k,

@@ -31,6 +31,7 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jaxmoe.axes import ArrayLike, Float, Int, checked
 from jaxmoe.kernels.moe import moe_swiglu
@@ -351,10 +352,133 @@ def moe(
   """
   impl = resolve(spec.impl, pool, spec)
   pool = {n: jnp.asarray(w) for n, w in pool.items()}  # numpy pools cannot be indexed by traced slots
-  if sharding.axis_size("expert") > 1:  # the pool split by slot over a mesh: jaxmoe/nn/moe_parallel.py
-    from jaxmoe.nn.moe_parallel import moe_expert_parallel
-
+  if sharding.axis_size(EXPERT_AXIS) > 1:  # the pool split by slot over a mesh (below)
     return moe_expert_parallel(x, router_logits, jnp.asarray(slot_map), pool, spec)
   if impl in (Impl.PALLAS, Impl.PALLAS_INTERPRET) and any(w.dtype == jnp.uint16 for w in pool.values()):
     pool = {n: jax.lax.bitcast_convert_type(w, x.dtype) if w.dtype == jnp.uint16 else w for n, w in pool.items()}
   return STRATEGIES[impl](x, router_logits, jnp.asarray(slot_map), pool, spec)
+
+
+# Expert parallelism.
+#
+# Expert parallelism: the MoE boundary over a pool sharded by slot across the mesh's `expert` axis.
+#
+# Each device of the expert axis holds a contiguous block of Xl = X / n pool
+# slots (which slots land together is the placement's choice,
+# jaxmoe/serving/placement.py: the pool is permuted and the slot maps
+# renumbered before the pool is sharded). Every device of an expert group sees
+# the same tokens (the batch is split over `data` only), routes them (the router
+# is replicated, so every device computes the same routing), computes the
+# (token, k) pairs whose slots it holds and zeroes the rest, and one all-reduce
+# (`psum` over `expert`) combines the groups: per token and layer, T x D float32.
+#
+# Exactness. Each (token, k) pair has exactly one nonzero term, computed by one
+# device with the single-device program for its slot, so the all-reduce adds
+# zeros to it. With K <= 2 the devices sum their pairs first and the all-reduce
+# adds at most two nonzero float32 values (a + b = b + a exactly); with K > 2
+# the [K, T, D] terms are reduced and summed in k order as on one device. The
+# output is therefore bit-identical to the single-device `routed` and `dense`
+# strategies on the same tokens; sharding the tokens over `data` changes only
+# which rows each device multiplies.
+#
+# Bytes. The all-reduce moves 2 (n-1)/n x T x D x 4 bytes per device and layer;
+# an all-to-all dispatch of the pairs and their return moves 2 (n-1)/n x T x K
+# x D x itemsize: the same for K = 2 in bf16, and this needs no capacity
+# factor, no token drops and no sorting (bench/mesh.py tabulates both).
+#
+# Strategies per shard: `dense` (the reference) and `routed` (the default
+# elsewhere); the Pallas kernels route internally and cannot skip the pairs of
+# other shards, and ragged_dot is left for later, so both run `routed` per
+# shard.
+
+EXPERT_AXIS = "expert"
+
+
+def _local_pairs(slots, weights, lo, num_local):
+  """Pairs of slots [T, K] held here: (local slots, sentinel `num_local` elsewhere; weights zeroed there)."""
+  here = (slots >= lo) & (slots < lo + num_local)
+  return jnp.where(here, slots - lo, num_local), jnp.where(here, weights, 0.0)
+
+
+def _terms_routed(x, local, weights, pool, spec):
+  """Per (k, token) float32 terms [K, T, D] of this shard's pairs: one loop step per distinct local slot."""
+  names, expert = expert_kind(pool)
+  num_local = num_slots(pool)
+  bound = min(local.size, num_local) if spec.max_slots is None else min(local.size, num_local, spec.max_slots)
+  uniq = jnp.unique(local.reshape(-1), size=bound, fill_value=num_local)  # ascending, sentinel last
+  count = jnp.sum(uniq < num_local)
+
+  def body(i, acc):
+    s = uniq[i]
+    y = expert(x, *_slots(pool, names, s, x.dtype))
+    gate = jnp.where(local == s, weights, 0.0).T  # [K, T]
+    return acc + gate[:, :, None] * y[None]
+
+  return jax.lax.fori_loop(0, count, body, jnp.zeros((local.shape[1], *x.shape), jnp.float32))
+
+
+def _terms_dense(x, local, weights, pool, spec):
+  """Per (k, token) terms [K, T, D]: every local slot on every token, kept where routed."""
+  del spec
+  names, expert = expert_kind(pool)
+  acc = jnp.zeros((local.shape[1], *x.shape), jnp.float32)
+  for s in range(num_slots(pool)):
+    gate = jnp.where(local == s, weights, 0.0).T  # [K, T]
+    acc = acc + gate[:, :, None] * expert(x, *_slots(pool, names, s, x.dtype))[None]
+  return acc
+
+
+def _sum_k(acc):
+  y = acc[0]
+  for k in range(1, acc.shape[0]):
+    y = y + acc[k]
+  return y
+
+
+def moe_expert_parallel(x, router_logits, slot_map, pool, spec: MoeSpec):
+  """`moe` with the pool's slots split over the context mesh's `expert` axis (see module docstring).
+
+  Args and result as `jaxmoe.nn.moe.moe`; the pool's slot count must be a
+  multiple of the expert axis' size (placement pads it).
+  """
+  mesh = sharding.context_mesh()
+  n = mesh.shape[EXPERT_AXIS]
+  x_slots = num_slots(pool)
+  if x_slots % n:
+    raise ValueError(f"the pool's {x_slots} slots do not split over expert:{n}; place it with jaxmoe.serving.placement")
+  impl = resolve(spec.impl, pool, spec)
+  terms = _terms_dense if impl is Impl.DENSE else _terms_routed
+  per_row = slot_map.ndim == 2
+  tokens = sharding.mesh_axis("batch", mesh)
+  if tokens is not None and (x.shape[0] % mesh.shape[tokens] or spec.capacity is not None):
+    tokens = None  # a batch data does not divide (a prefill of one), or capacity groups: every group computes all
+  k = spec.k
+
+  def shard(x, router_logits, slot_map, pool):
+    weights, experts = routing(router_logits, spec)
+    slots = expert_slots(experts, slot_map)
+    num_local = num_slots(pool)
+    local, weights = _local_pairs(slots, weights, jax.lax.axis_index(EXPERT_AXIS) * num_local, num_local)
+    acc = terms(x, local, weights, pool, spec)
+    if k <= 2:  # two nonzero float32 terms per token at most: their sum does not depend on the order
+      return jax.lax.psum(_sum_k(acc), EXPERT_AXIS).astype(x.dtype)
+    return _sum_k(jax.lax.psum(acc, EXPERT_AXIS)).astype(x.dtype)
+
+  pool_specs = {name: P(EXPERT_AXIS) for name in pool}
+  run = jax.shard_map(
+    shard,
+    in_specs=(P(tokens), P(tokens), P(tokens) if per_row else P(), pool_specs),
+    out_specs=P(tokens),
+    check_vma=False,
+  )
+  return run(x, router_logits, slot_map, pool)
+
+
+def all_reduce_bytes(tokens: int, d_model: int, n: int) -> float:
+  """Bytes one device sends (and receives) in the ring all-reduce of one MoE layer's output."""
+  return 2 * (n - 1) / n * tokens * d_model * 4
+
+
+def all_to_all_bytes(tokens: int, d_model: int, k: int, n: int, itemsize: int) -> float:
+  """Bytes one device sends for the dispatch and return all-to-alls of one MoE layer, uniform routing."""
+  return 2 * (n - 1) / n * tokens * k * d_model * itemsize

@@ -18,7 +18,7 @@ and uses `data` and `expert` only.
 
 Meshes use `AxisType.Auto`: XLA's partitioner propagates shardings from the
 placed inputs and from the constraints at layer boundaries (the MoE boundary's
-`shard_map`, jaxmoe/nn/moe_parallel.py); the model code is the single-device
+`shard_map`, jaxmoe/nn/moe.py); the model code is the single-device
 code unchanged.
 """
 

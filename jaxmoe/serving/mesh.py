@@ -17,7 +17,7 @@ the logical axes of jaxmoe/nn/sharding.py:
 `MeshHooks` wraps a family's engine hooks (`admit`, `decode`): it places the
 step's inputs, runs the jitted step under `jax.set_mesh` (which is how the
 MoE boundary finds the `expert` axis and turns expert-parallel, jaxmoe/nn/
-moe_parallel.py), and returns the sampled tokens replicated, so every process
+moe.py), and returns the sampled tokens replicated, so every process
 can read them. Without a mesh the engine does none of this.
 """
 
