@@ -8,6 +8,7 @@ decoder-only and an encoder-decoder model and is each family's own.
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Protocol, runtime_checkable
 
@@ -76,6 +77,45 @@ class Model(Protocol):
   def encode(self, text: str) -> list[int]: ...
 
   def decode(self, ids) -> str: ...
+
+
+@jax.jit
+def _retire(nxt, done, pad, eos_ids):
+  """The tokens a step emits (pad after a row's EOS, as HF `generate` feeds them back) and rows done since."""
+  step = jnp.where(done, pad, nxt).astype(jnp.int32)
+  return step, done | jnp.isin(step, eos_ids)
+
+
+class Finished:
+  """When every row has produced EOS, learnt without stalling the device.
+
+  Each step's `done` flags start their copy to the host at once; the loop
+  reads only copies that have arrived, so it stops a few steps late at most,
+  and `length` cuts the output back to the step where the last row ended.
+  """
+
+  def __init__(self, active: bool):
+    self.active, self.copies, self.at = active, collections.deque(), None
+
+  def seen(self, i: int, done: jax.Array) -> bool:
+    if not self.active:
+      return False
+    done.copy_to_host_async()
+    self.copies.append((i, done))
+    while self.copies and self.copies[0][1].is_ready():
+      j, flags = self.copies.popleft()
+      if np.asarray(flags).all():
+        self.at = j
+        return True
+    return False
+
+  def length(self, steps: int) -> int:
+    if self.active and self.at is None:  # ended by max_new_tokens: an earlier step may have ended every row
+      for j, flags in self.copies:
+        if np.asarray(flags).all():
+          self.at = j
+          break
+    return steps if self.at is None else self.at + 1
 
 
 class ModelBase:
@@ -156,15 +196,18 @@ class ModelBase:
     kv = hooks.init_kv(cfg, 1 + b * (width + cross_width), PAGE_SIZE)
     rows = hooks.admission_rows(tables, cross, lengths, sp)
     nxt, kv, rows = hooks.admit(self.params, jnp.asarray(padded), kv, rows, cfg, self.impl, SingleTenant())
-    pad, done, new = pad_id(cfg), np.zeros(b, bool), []
+    # The tokens stay on the device: the host enqueues the next step without waiting for the last, and
+    # learns that every row has ended from a copy it started steps earlier (`Finished`).
+    pad, eos_ids = jnp.int32(pad_id(cfg)), jnp.asarray(eos or (-1,), jnp.int32)
+    done, new, finished = jnp.zeros(b, bool), [], Finished(bool(eos))
     for i in range(n):
-      step = np.where(done, pad, np.asarray(nxt)).astype(np.int32)
+      step, done = _retire(nxt, done, pad, eos_ids)
       new.append(step)
-      done |= np.isin(step, eos)
-      if done.all() or i == n - 1:
+      if i == n - 1 or finished.seen(i, done):
         break
-      nxt, kv, rows = hooks.decode(self.params, jnp.asarray(step), kv, rows, cfg, self.impl, SingleTenant())
-    return np.stack(new, axis=1)
+      nxt, kv, rows = hooks.decode(self.params, step, kv, rows, cfg, self.impl, SingleTenant())
+    out = np.stack(jax.device_get(new), axis=1)
+    return out[:, : finished.length(out.shape[1])]
 
   def _check_generate(self, lengths, max_new_tokens: int) -> None:
     """Family limits on prompt and output lengths (raise ValueError)."""

@@ -137,12 +137,19 @@ def engine_config(store):
   )
 
 
+MESH_READ_CACHE_GB = 0.25  # on a mesh without --host_cache_gb: tensorstore's cache while each slot is read once
+
+
 def load_store(path: str):
-  """The store at `path` (verified unless --noverify_checksums), its pool read lazily from disk when
-  --host_cache_gb bounds host memory."""
+  """The store at `path` (verified unless --noverify_checksums). Its pool is read lazily from disk when
+  --host_cache_gb bounds host memory, and always on a mesh, where each process then reads only the
+  slots of its own devices (serving/mesh.py)."""
   import jaxmoe
 
   f = flags.FLAGS
-  if f.host_cache_gb is not None and f.expert_cache_gb is None:
+  host_gb = f.host_cache_gb
+  if f.mesh:
+    host_gb = MESH_READ_CACHE_GB if host_gb is None else host_gb
+  elif host_gb is not None and f.expert_cache_gb is None:
     raise ValueError("--host_cache_gb needs --expert_cache_gb (a pool read from disk is never all on the device)")
-  return jaxmoe.load_store(path, verify_checksums=f.verify_checksums, host_cache_gb=f.host_cache_gb)
+  return jaxmoe.load_store(path, verify_checksums=f.verify_checksums, host_cache_gb=host_gb)

@@ -59,6 +59,8 @@ def format_summary(s: dict) -> str:
       f"{(s['expert_cache_bytes'] + s['expert_cache_prefetch_bytes']) / 2**20:.1f} MiB copied in "
       f"{s['expert_cache_s']:.3f} s"
     ]
+  if "pool_slots_read" in s:
+    cache.append(pool_reads_line(s))
   return "\n".join(
     [
       f"mode {s['mode']}: {s['requests']} requests ({s['completed']} served, {s['errors']} errors), "
@@ -70,6 +72,11 @@ def format_summary(s: dict) -> str:
       *cache,
     ]
   )
+
+
+def pool_reads_line(s: dict) -> str:
+  held = f" (its devices hold {s['pool_slots_held']})" if "pool_slots_held" in s else ""
+  return f"read {s['pool_slots_read']} of {s['pool_slots']} pool slots from the store{held}"
 
 
 def writer(out):
@@ -145,7 +152,13 @@ def follow() -> int:
   from jaxmoe.serving import distributed
 
   store = load_store(FLAGS.store)
-  distributed.follow(build_engine(store))
+  engine = build_engine(store)
+  distributed.follow(engine)
+  summary = engine.summary()
+  if "pool_slots_read" in summary:
+    import jax
+
+    print(f"process {jax.process_index()}: {pool_reads_line(summary)}", flush=True)
   return 0
 
 

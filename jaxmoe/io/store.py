@@ -252,6 +252,7 @@ class LazyPool:
     self.num_slots = int(sum(slots_per_layer))
     self._layer_of = np.repeat(np.arange(len(slots_per_layer)), slots_per_layer)
     self._first = np.concatenate([[0], np.cumsum(slots_per_layer)[:-1]]).astype(np.int64)
+    self.slots_read: set[int] = set()  # every slot read so far (on a mesh: this process's share)
     context = ts.Context({"cache_pool": {"total_bytes_limit": int(host_bytes)}})
     self._arrays = []
     for i in range(len(slots_per_layer)):
@@ -266,15 +267,36 @@ class LazyPool:
   def expert_bytes(self) -> int:
     return int(sum(np.prod(s) * self.dtypes[n].itemsize for n, s in self.shapes.items()))
 
-  def read(self, slots) -> dict[str, list]:
-    """Host arrays of pool `slots`, per leaf."""
-    out = {n: [] for n in self.leaves}
+  def read(self, slots, leaves=None) -> dict[str, list]:
+    """Host arrays of pool `slots`, per leaf (every leaf, or those named in `leaves`)."""
+    leaves = self.leaves if leaves is None else tuple(leaves)
+    out = {n: [] for n in leaves}
     for s in slots:
       layer = int(self._layer_of[int(s)])
       local = int(s) - int(self._first[layer])
-      for n in self.leaves:
+      for n in leaves:
         out[n].append(moe.pack({n: self._arrays[layer][n][local].read().result()})[n])
+      self.slots_read.add(int(s))
     return out
+
+  def packed_leaves(self) -> dict:
+    """{leaf: an array-like [X, ...] of the packed pool} whose indexing reads only the indexed slots."""
+    return {n: _LazyLeaf(self, n) for n in self.leaves}
+
+
+class _LazyLeaf:
+  """One leaf of a LazyPool as an array: `leaf[slots]` reads those slots (an int array) from disk."""
+
+  def __init__(self, pool: LazyPool, name: str):
+    self.pool, self.name = pool, name
+    self.shape = (pool.num_slots, *pool.shapes[name])
+    self.dtype = moe.pack({name: np.zeros((0,), pool.dtypes[name])})[name].dtype
+
+  def __getitem__(self, slots) -> np.ndarray:
+    slots = np.asarray(slots).reshape(-1)
+    if not len(slots):
+      return np.zeros((0, *self.shape[1:]), self.dtype)
+    return np.stack(self.pool.read(slots, [self.name])[self.name])
 
 
 class Store:

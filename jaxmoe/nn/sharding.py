@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "expert", "model")  # device-grid order: the expert axis inside data, model innermost
+MESH_AXES = ("data", "expert", "model")
 
 RULES: dict[str, str | None] = {
   "batch": "data",
@@ -49,7 +49,14 @@ RULES: dict[str, str | None] = {
 
 
 def parse_mesh(spec: str | None) -> tuple[tuple[str, int], ...]:
-  """'data:2,expert:4' -> (('data', 2), ('expert', 4)) in MESH_AXES order; '' or None -> ()."""
+  """'data:2,expert:4' -> (('data', 2), ('expert', 4)); '' or None -> ().
+
+  The order is the spec's: the device grid's, outermost axis first. Devices
+  are numbered process by process, so on several hosts the first axis is the
+  one that spans them: 'data:2,expert:4' on two hosts of 4 devices keeps each
+  expert all-reduce within a host (each host holds the whole pool), and
+  'expert:2,data:4' splits the pool across the hosts (each holds half).
+  """
   if not spec or not spec.strip():
     return ()
   sizes: dict[str, int] = {}
@@ -62,7 +69,7 @@ def parse_mesh(spec: str | None) -> tuple[tuple[str, int], ...]:
     if name in sizes:
       raise ValueError(f"mesh axis {name!r} appears twice in {spec!r}")
     sizes[name] = int(size)
-  return tuple((a, sizes[a]) for a in MESH_AXES if a in sizes)
+  return tuple(sizes.items())
 
 
 def make_mesh(spec: str | Sequence[tuple[str, int]] | None, devices: Sequence | None = None) -> Mesh:

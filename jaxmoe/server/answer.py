@@ -13,8 +13,7 @@ import asyncio
 import json
 import time
 
-from sse_starlette import EventSourceResponse
-from starlette.background import BackgroundTask
+from starlette.responses import Response
 
 from jaxmoe.server import protocol
 from jaxmoe.server.errors import APIError, error_body
@@ -120,8 +119,12 @@ def _stream_batch(hub, p, writer: StreamWriter, events: list) -> tuple[list[str]
   return out, False
 
 
-async def _events(hub, p, writer: StreamWriter, timeout_s: float, interval_s: float):
+PING = b": ping\r\n\r\n"  # an SSE comment: keeps idle connections (and proxies) open
+
+
+async def _events(hub, p, writer: StreamWriter, timeout_s: float, interval_s: float, ping_s: float):
   try:
+    p.start_pings(ping_s)
     done, first = False, True
     while not done:
       if interval_s > 0 and not first:
@@ -133,20 +136,87 @@ async def _events(hub, p, writer: StreamWriter, timeout_s: float, interval_s: fl
         hub.close(p, "timeout")
         yield _sse([_dumps(error_body(504, f"the request timed out after {timeout_s:g} s", "timeout")), "[DONE]"])
         return
+      if not events:
+        yield PING
+        continue
       data, done = _stream_batch(hub, p, writer, events)
       if data or done:
         yield _sse(data + ["[DONE]"] if done else data)
-  finally:  # also when the client disconnects: the response cancels this generator
+  finally:  # also when the client disconnects: the response closes this generator
     hub.close(p)
 
 
-def stream_response(hub, p, chat: bool, include_usage: bool, timeout_s: float, ping_s: float, interval_s: float):
-  writer = StreamWriter(p, chat, include_usage)
-  return EventSourceResponse(
-    _events(hub, p, writer, timeout_s, interval_s),
-    ping=ping_s,
-    send_timeout=30.0,  # a client that stops reading is dropped, and its row freed
-    headers={"Cache-Control": "no-cache"},
-    # A stream the client left before it began never runs the generator's `finally`: close here too.
-    background=BackgroundTask(hub.close, p),
-  )
+class EventStream(Response):
+  """An ASGI response sending the byte chunks of an async generator as they come (server-sent events).
+
+  Not sse-starlette's EventSourceResponse: that opens a cancel scope around
+  every send, which measured 40 us of server CPU per event here against 10 us
+  for Starlette's StreamingResponse, and an event per token makes this the
+  server's hot path. Plain asyncio instead: one task watches for the client's
+  disconnect and one timer for a send that has waited longer than
+  `send_timeout_s` (a client that stopped reading); either cancels the stream,
+  and `on_close` always runs.
+  """
+
+  media_type = "text/event-stream"
+
+  def __init__(self, chunks, send_timeout_s: float, on_close):
+    super().__init__()  # a Response to FastAPI; the body is sent by __call__
+    self.chunks, self.send_timeout_s, self.on_close = chunks, send_timeout_s, on_close
+    self.sending_since: float | None = None
+    self.stopped: str | None = None
+
+  async def __call__(self, scope, receive, send):
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+
+    def stop(why: str) -> None:
+      if self.stopped is None:
+        self.stopped = why
+        task.cancel()
+
+    def check_send() -> None:
+      nonlocal watchdog
+      since = self.sending_since
+      if since is not None and loop.time() - since > self.send_timeout_s:
+        stop("send timed out")
+      else:
+        watchdog = loop.call_later(self.send_timeout_s / 2, check_send)
+
+    async def watch_disconnect() -> None:
+      while (await receive())["type"] != "http.disconnect":
+        pass
+      stop("client disconnected")
+
+    watcher = asyncio.ensure_future(watch_disconnect())
+    watchdog = loop.call_later(self.send_timeout_s / 2, check_send)
+    headers = [
+      (b"content-type", b"text/event-stream; charset=utf-8"),
+      (b"cache-control", b"no-cache"),
+      (b"x-accel-buffering", b"no"),
+    ]
+    try:
+      await send({"type": "http.response.start", "status": 200, "headers": headers})
+      async for chunk in self.chunks:
+        self.sending_since = loop.time()
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        self.sending_since = None
+      await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except asyncio.CancelledError:
+      if self.stopped is None:  # the server is shutting down: not ours to swallow
+        raise
+      if hasattr(task, "uncancel"):  # Python >= 3.11: the cancel was ours and is handled
+        task.uncancel()
+    except OSError:  # the connection broke under a send
+      pass
+    finally:
+      watcher.cancel()
+      watchdog.cancel()
+      await self.chunks.aclose()
+      self.on_close()
+
+
+def stream_response(hub, p, chat: bool, include_usage: bool, timeout_s: float, cfg) -> EventStream:
+  """The SSE answer of `p` under the ServerConfig `cfg` (pings, event interval, send timeout)."""
+  events = _events(hub, p, StreamWriter(p, chat, include_usage), timeout_s, cfg.stream_interval_s, cfg.sse_ping_s)
+  # A stream the client left before it began never runs the generator's `finally`: close here too.
+  return EventStream(events, cfg.send_timeout_s, lambda: hub.close(p))

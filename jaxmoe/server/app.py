@@ -47,15 +47,18 @@ class ServerConfig:
   max_waiting: int = 128  # accepted requests without a first token; more get 429
   request_timeout_s: float = 300.0  # arrival to last token; then 504
   max_body_bytes: int = 1 << 20  # larger bodies get 413
-  sse_ping_s: float = 15.0  # keep-alive comments on idle streams
+  sse_ping_s: float = 15.0  # a keep-alive comment on every stream this often
+  send_timeout_s: float = 30.0  # a stream whose client stops reading for this long is dropped, its row freed
   # 0: an event per engine step; > 0: after the first event, at most one per interval, holding the
   # tokens of the steps between (fewer sends: less CPU per token when steps are short).
   stream_interval_s: float = 0.0
 
   def __post_init__(self):
-    if self.max_waiting < 1 or self.request_timeout_s <= 0 or self.max_body_bytes < 1 or self.stream_interval_s < 0:
+    positive = self.request_timeout_s > 0 and self.sse_ping_s > 0 and self.send_timeout_s > 0
+    if self.max_waiting < 1 or not positive or self.max_body_bytes < 1 or self.stream_interval_s < 0:
       raise ValueError(
-        f"need max_waiting >= 1, request_timeout_s > 0, max_body_bytes >= 1, stream_interval_s >= 0; got {self}"
+        "need max_waiting >= 1, request_timeout_s, sse_ping_s and send_timeout_s > 0, max_body_bytes >= 1, "
+        f"stream_interval_s >= 0; got {self}"
       )
 
 
@@ -118,7 +121,7 @@ class Server:
     if body.stream:
       usage = body.stream_options is not None and body.stream_options.include_usage
       cfg = self.config
-      return stream_response(self.hub, p, endpoint == "chat", usage, timeout, cfg.sse_ping_s, cfg.stream_interval_s)
+      return stream_response(self.hub, p, endpoint == "chat", usage, timeout, cfg)
     try:
       response = await wait_response(self.hub, p, request.receive, timeout)
     except ClientGone:

@@ -36,8 +36,25 @@ class Pending:
     self.waiting = True  # counted as waiting until its first token
     self.ended = False  # the engine holds it no more (finished, rejected, failed)
     self.expired = False
+    self.ping_due = False
     # One timer per request rather than a timeout per wait: waits happen once per token.
     self.timer = loop.call_at(deadline, self._expire)
+    self.pinger: asyncio.TimerHandle | None = None
+
+  def start_pings(self, every_s: float) -> None:
+    """From now on `next_events` also returns [] every `every_s` seconds (a keep-alive is due)."""
+
+    def tick():
+      self.ping_due = True
+      self.wake.set()
+      self.pinger = asyncio.get_running_loop().call_later(every_s, tick)
+
+    self.pinger = asyncio.get_running_loop().call_later(every_s, tick)
+
+  def stop_timers(self) -> None:
+    self.timer.cancel()
+    if self.pinger is not None:
+      self.pinger.cancel()
 
   def _expire(self) -> None:
     self.expired = True
@@ -50,12 +67,16 @@ class Pending:
     self.wake.set()
 
   async def next_events(self) -> list:
-    """The events since the last call; raises TimeoutError once the deadline has passed."""
-    while not self.items and not self.expired:
+    """The events since the last call ([] when a keep-alive is due and nothing came); raises
+    TimeoutError once the deadline has passed."""
+    while not self.items and not self.expired and not self.ping_due:
       self.wake.clear()
       await self.wake.wait()
+    self.ping_due = False
     if not self.items:
-      raise TimeoutError
+      if self.expired:
+        raise TimeoutError
+      return []
     items = list(self.items)
     self.items.clear()
     return items
@@ -109,7 +130,7 @@ class Hub:
     with `outcome`. True if it was cancelled."""
     if self.pending.pop(p.rid, None) is None:
       return False
-    p.timer.cancel()
+    p.stop_timers()
     self._leave_waiting(p)
     if not p.ended:
       p.ended = True

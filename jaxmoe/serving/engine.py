@@ -455,7 +455,17 @@ class Engine:
       "errors": self.served.errors,
       "completion_tokens": self.served.completion_tokens,
       **offload.stats(self.weights.cache, self.weights.host_slot_maps),
+      **self._pool_reads(),
     }
+
+  def _pool_reads(self) -> dict:
+    """A pool read lazily off disk: how many of its slots this process has read (on a mesh, its share)."""
+    lazy, out = self.weights.lazy_pool, {}
+    if lazy is not None:
+      out = {"pool_slots_read": len(lazy.slots_read), "pool_slots": lazy.num_slots}
+    if lazy is not None and self.mesh is not None:
+      out["pool_slots_held"] = self.mesh.held_slots(self.weights.pool)
+    return out
 
   def close(self) -> None:
     """Frees the engine's device buffers (cache and weights); the engine cannot step afterwards."""
@@ -486,7 +496,17 @@ class Engine:
       "device_weight_bytes": self.weights.device_bytes(),
       "kv_bytes": tree_bytes(self.kv),
       **offload.stats(self.weights.cache, self.weights.host_slot_maps),
+      **self._pool_reads(),
     }
+
+  def _pool_reads(self) -> dict:
+    """A pool read lazily off disk: how many of its slots this process has read (on a mesh, its share)."""
+    lazy, out = self.weights.lazy_pool, {}
+    if lazy is not None:
+      out = {"pool_slots_read": len(lazy.slots_read), "pool_slots": lazy.num_slots}
+    if lazy is not None and self.mesh is not None:
+      out["pool_slots_held"] = self.mesh.held_slots(self.weights.pool)
+    return out
 
 
 def _check_config(config: EngineConfig, cfg) -> None:

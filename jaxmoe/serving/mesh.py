@@ -106,6 +106,16 @@ class EngineMesh:
     return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
 
   # Accounting.
+  def held_slots(self, pool: dict) -> int:
+    """How many of the store's slots this process's devices hold (its share of the pool)."""
+    leaf = next(iter(pool.values()))
+    held: set[int] = set()
+    for shard in leaf.addressable_shards:
+      rows = shard.index[0]
+      src = self.placement.order[rows.start or 0 : leaf.shape[0] if rows.stop is None else rows.stop]
+      held.update(int(s) for s in src if s >= 0)
+    return len(held)
+
   def bytes_per_device(self, tree) -> dict:
     """{device id: bytes of the tree's shards it holds} over this process's devices."""
     out: dict[int, int] = {}

@@ -54,6 +54,7 @@ class TenantWeights:
     self.index = {name: i for i, name in enumerate(self.tenants)}
     self.mesh = mesh  # jaxmoe.serving.mesh.EngineMesh: the pool sharded by slot, maps renumbered, rest replicated
     lazy = getattr(store, "host_pool", None)  # a store read lazily off disk (io/store.py)
+    self.lazy_pool = lazy
     total = lazy.num_slots if lazy is not None else moe.num_slots(store.pool)
     self.cache = None
     if cache_slots is not None and cache_slots < total:  # the pool stays on the host; the device caches experts
@@ -63,8 +64,8 @@ class TenantWeights:
       self.cache.fill(by_popularity(store.slot_maps.values()))  # start full: the experts most tenants share
     elif mesh is None:
       self.pool = to_device(moe.pack(store.pool))
-    else:
-      self.pool = mesh.pool(moe.pack(store.pool), store.slot_maps)
+    else:  # a lazily read store: each process reads only the slots of its own devices
+      self.pool = mesh.pool(lazy.packed_leaves() if lazy is not None else moe.pack(store.pool), store.slot_maps)
     self.host_slot_maps = {t: np.asarray(store.slot_maps[t], np.int32) for t in self.tenants}
     self.slot_maps = {t: self._slot_map(store.slot_maps[t]) for t in self.tenants}
     self.stats = SwitchStats()

@@ -141,3 +141,24 @@ def test_switch_engine_on_mesh_equals_one_device(switch_store):
   assert got == want
   pool_bytes = sum(w.nbytes for w in switch_store.pool.values())
   assert set(engine.mesh.bytes_per_device(engine.weights.pool).values()) == {pool_bytes // 4}
+
+
+def test_a_store_read_from_its_files_is_placed_slot_by_slot(store, tmp_path):
+  """A store loaded lazily (as jaxmoe-serve loads one on a mesh) is placed from its files without ever
+  being read whole, each slot read once, and serves what the store loaded whole serves on one device."""
+  from jaxmoe.consolidate.pipeline import ConsolidateConfig, consolidate
+  from jaxmoe.io import checkpoint
+  from jaxmoe.io.store import load_store
+
+  pairs = []
+  for name in store.tenants:
+    checkpoint.save(tmp_path / name, store.config, store.export_params(name))
+    pairs.append((name, tmp_path / name))
+  consolidate(pairs, tmp_path / "store", ConsolidateConfig(share_fraction=0.5))
+  want = _serve(load_store(tmp_path / "store"), Mode.MIXED, "")[0]
+  lazy = load_store(tmp_path / "store", host_cache_gb=1e-3)
+  got, engine = _serve(lazy, Mode.MIXED, "expert:4")
+  assert got == want and lazy._pool is None
+  summary = engine.summary()
+  assert summary["pool_slots_read"] == summary["pool_slots_held"] == summary["pool_slots"] == lazy.host_pool.num_slots
+  engine.close()

@@ -1,9 +1,11 @@
 """Two processes over loopback (jax.distributed, gloo CPU collectives) serve a tiny store with jaxmoe-serve.
 
-Each process forces 2 host devices; the mesh data:2,expert:2 spans both
-processes, so the pool's slots and the batch's rows are split across them and
-every decode step's all-reduce crosses the process boundary. Process 0 runs
-the scheduler; process 1 follows its broadcast steps. The answers must equal
+Each process forces 2 host devices; the mesh expert:2,data:2 spans both
+processes with its expert axis, so the pool's slots are split across them
+(each reads only its half from the store) and every decode step's all-reduce
+crosses the process boundary; the batch's rows are split over each process's
+two devices. Process 0 runs the scheduler; process 1 follows its broadcast
+steps. The answers must equal
 a one-device jaxmoe-serve of the same file, token for token.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -79,6 +82,13 @@ def _tokens(path) -> dict:
   return {r["id"]: (r["token_ids"], r["error"]) for r in map(json.loads, path.read_text().splitlines())}
 
 
+def _slots_read(out: str) -> tuple[int, int, int]:
+  """(slots read, slots in the pool, slots its devices hold) from a jaxmoe-serve summary."""
+  m = re.search(r"read (\d+) of (\d+) pool slots from the store \(its devices hold (\d+)\)", out)
+  assert m, out[-2000:]
+  return tuple(int(x) for x in m.groups())
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -89,7 +99,7 @@ def test_two_processes_over_loopback_equal_one_device(served):
   if not _has_cpu_collectives():
     pytest.skip("this jax has no CPU collectives (jax_cpu_collectives_implementation)")
   root = served
-  dist = ["--mesh=data:2,expert:2", f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2"]
+  dist = ["--mesh=expert:2,data:2", f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2"]
   follower = subprocess.Popen(
     _serve_args(root, None, *dist, "--process_id=1"), env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
   )
@@ -116,3 +126,7 @@ def test_two_processes_over_loopback_equal_one_device(served):
   got, want = _tokens(root / "mesh.jsonl"), _tokens(root / "one.jsonl")
   assert all(err is None for _, err in want.values()) and len(want) == 6
   assert got == want
+  # Each process read from the store only the slots its own devices hold.
+  reads = [_slots_read(leader.stdout), _slots_read(follower_out.decode(errors="replace"))]
+  assert all(read == held < total for read, total, held in reads), reads
+  assert sum(held for _, _, held in reads) == reads[0][1], reads  # round-robin: disjoint halves

@@ -9,8 +9,9 @@ from jaxmoe.nn import sharding
 from jaxmoe.serving import placement
 
 
-def test_parse_mesh_orders_axes_and_rejects_bad_specs():
-  assert sharding.parse_mesh("expert:4,data:2") == (("data", 2), ("expert", 4))
+def test_parse_mesh_keeps_the_spec_order_and_rejects_bad_specs():
+  assert sharding.parse_mesh("expert:4,data:2") == (("expert", 4), ("data", 2))
+  assert sharding.parse_mesh("data:2, expert:4") == (("data", 2), ("expert", 4))
   assert sharding.parse_mesh("") == () and sharding.parse_mesh(None) == ()
   for bad in ("data", "data:0", "data:x", "pipe:2", "data:2,data:2"):
     with pytest.raises(ValueError):

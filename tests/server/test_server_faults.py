@@ -216,3 +216,81 @@ def test_stream_interval_sends_fewer_events_with_the_same_text():
   assert "".join(d["choices"][0]["text"] for d in data) == "a" * 30
   assert len(data[0]["choices"][0]["token_ids"]) <= 2  # the first event is not held back
   assert 3 <= len(data) <= 12  # ~0.6 s of steps at one event per 0.1 s (+ the final chunk), not 31
+
+
+def test_streams_carry_keep_alive_comments_between_tokens():
+  store = synthetic_store(config.preset("tiny"), k=2, seed=0)
+  cfg = EngineConfig(mode=Mode.MIXED, max_batch=2, max_seq_len=64)
+  app = create_app(
+    store, cfg, ServerConfig(sse_ping_s=0.05), make_engine=lambda on_token: ScriptedEngine(store.tenants, cfg, on_token)
+  )
+  body = {"model": "tenant0", "prompt": "x", "max_tokens": 25, "stream": True}  # 25 steps of 20 ms
+  with serve_in_thread(app) as url, httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=10) as s:
+    lines = [line for line in s.iter_lines() if line]
+  data = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+  assert "".join(d["choices"][0]["text"] for d in data) == "a" * 25
+  assert sum(line == ": ping" for line in lines) >= 3 and lines[-1] == "data: [DONE]"
+
+
+def _run_stream(chunks, send, receive, send_timeout_s=0.2):
+  import asyncio
+
+  from jaxmoe.server.answer import EventStream
+
+  closed = []
+
+  async def main():
+    start = time.monotonic()
+    await EventStream(chunks, send_timeout_s, lambda: closed.append(True))({"type": "http"}, receive, send)
+    return time.monotonic() - start
+
+  return asyncio.run(main()), closed
+
+
+def test_a_client_that_stops_reading_is_dropped_after_the_send_timeout():
+  import asyncio
+
+  finalized, sent = [], []
+
+  async def chunks():
+    try:
+      for _ in range(100):
+        yield b"data: {}\r\n\r\n"
+    finally:
+      finalized.append(True)
+
+  async def send(message):  # the client reads the headers, then nothing more
+    sent.append(message["type"])
+    if message["type"] == "http.response.body":
+      await asyncio.Event().wait()
+
+  async def receive():
+    await asyncio.Event().wait()
+
+  seconds, closed = _run_stream(chunks(), send, receive)
+  assert seconds < 2 and closed == [True] and finalized == [True]
+  assert sent == ["http.response.start", "http.response.body"]
+
+
+def test_a_disconnect_ends_a_stream_that_waits_for_tokens():
+  import asyncio
+
+  finalized = []
+
+  async def chunks():
+    try:
+      yield b"data: {}\r\n\r\n"
+      await asyncio.Event().wait()  # no more tokens come
+      yield b"never"
+    finally:
+      finalized.append(True)
+
+  async def send(message):
+    pass
+
+  async def receive():
+    await asyncio.sleep(0.1)
+    return {"type": "http.disconnect"}
+
+  seconds, closed = _run_stream(chunks(), send, receive, send_timeout_s=30)
+  assert seconds < 2 and closed == [True] and finalized == [True]
