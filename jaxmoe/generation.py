@@ -8,7 +8,7 @@ decoder-only and an encoder-decoder model and is each family's own.
 
 from __future__ import annotations
 
-import collections
+import functools
 import math
 from typing import Protocol, runtime_checkable
 
@@ -79,43 +79,39 @@ class Model(Protocol):
   def decode(self, ids) -> str: ...
 
 
-@jax.jit
-def _retire(nxt, done, pad, eos_ids):
-  """The tokens a step emits (pad after a row's EOS, as HF `generate` feeds them back) and rows done since."""
-  step = jnp.where(done, pad, nxt).astype(jnp.int32)
-  return step, done | jnp.isin(step, eos_ids)
+@functools.cache
+def _decode_loop(hooks):
+  """`hooks.decode` run on the device until `n` tokens per row or every row has ended: one program.
 
-
-class Finished:
-  """When every row has produced EOS, learnt without stalling the device.
-
-  Each step's `done` flags start their copy to the host at once; the loop
-  reads only copies that have arrived, so it stops a few steps late at most,
-  and `length` cuts the output back to the step where the last row ended.
+  Returns (tokens [S, B] int32 with S = n rounded up to a power of two, the
+  count n' <= n of steps emitted, the cache). Step i emits the sampled token, or `pad`
+  once the row has produced an EOS id (HF `generate` feeds pads back the
+  same way); decoding stops after the step at which every row has ended.
   """
 
-  def __init__(self, active: bool):
-    self.active, self.copies, self.at = active, collections.deque(), None
+  def run(params, nxt, kv, rows, n, pad, eos_ids, cfg, impl, ops, size):
+    def cond(state):
+      i, done = state[0], state[4]
+      return (i < n) & ~jnp.all(done)
 
-  def seen(self, i: int, done: jax.Array) -> bool:
-    if not self.active:
-      return False
-    done.copy_to_host_async()
-    self.copies.append((i, done))
-    while self.copies and self.copies[0][1].is_ready():
-      j, flags = self.copies.popleft()
-      if np.asarray(flags).all():
-        self.at = j
-        return True
-    return False
+    def body(state):
+      i, nxt, kv, rows, done, out = state
+      step = jnp.where(done, pad, nxt).astype(jnp.int32)
+      done = done | jnp.isin(step, eos_ids)
+      out = out.at[i].set(step)
 
-  def length(self, steps: int) -> int:
-    if self.active and self.at is None:  # ended by max_new_tokens: an earlier step may have ended every row
-      for j, flags in self.copies:
-        if np.asarray(flags).all():
-          self.at = j
-          break
-    return steps if self.at is None else self.at + 1
+      def more(args):
+        return hooks.decode(params, step, *args, cfg, impl, ops)
+
+      nxt, kv, rows = jax.lax.cond((i + 1 < n) & ~jnp.all(done), more, lambda args: (nxt, *args), (kv, rows))
+      return i + 1, nxt, kv, rows, done, out
+
+    b = nxt.shape[0]
+    state = (jnp.int32(0), nxt, kv, rows, jnp.zeros(b, bool), jnp.zeros((size, b), jnp.int32))
+    i, _, kv, _, _, out = jax.lax.while_loop(cond, body, state)
+    return out, i, kv  # kv returned so that the donated cache is updated in place, not copied
+
+  return jax.jit(run, static_argnames=("cfg", "impl", "size"), donate_argnames=("kv",))
 
 
 class ModelBase:
@@ -196,18 +192,11 @@ class ModelBase:
     kv = hooks.init_kv(cfg, 1 + b * (width + cross_width), PAGE_SIZE)
     rows = hooks.admission_rows(tables, cross, lengths, sp)
     nxt, kv, rows = hooks.admit(self.params, jnp.asarray(padded), kv, rows, cfg, self.impl, SingleTenant())
-    # The tokens stay on the device: the host enqueues the next step without waiting for the last, and
-    # learns that every row has ended from a copy it started steps earlier (`Finished`).
-    pad, eos_ids = jnp.int32(pad_id(cfg)), jnp.asarray(eos or (-1,), jnp.int32)
-    done, new, finished = jnp.zeros(b, bool), [], Finished(bool(eos))
-    for i in range(n):
-      step, done = _retire(nxt, done, pad, eos_ids)
-      new.append(step)
-      if i == n - 1 or finished.seen(i, done):
-        break
-      nxt, kv, rows = hooks.decode(self.params, step, kv, rows, cfg, self.impl, SingleTenant())
-    out = np.stack(jax.device_get(new), axis=1)
-    return out[:, : finished.length(out.shape[1])]
+    eos_ids = jnp.asarray(eos or (-1,), jnp.int32)
+    out, count, _ = _decode_loop(hooks)(
+      self.params, nxt, kv, rows, n, pad_id(cfg), eos_ids, cfg, self.impl, SingleTenant(), buckets.pow2(n)
+    )
+    return np.asarray(out)[: int(count)].T
 
   def _check_generate(self, lengths, max_new_tokens: int) -> None:
     """Family limits on prompt and output lengths (raise ValueError)."""

@@ -202,27 +202,63 @@ def slot_bound(slots, pool, spec: MoeSpec) -> int:
   return bound if spec.max_slots is None else min(bound, spec.max_slots)
 
 
-def _accumulate_by_slot(x, slots, weights, pool, uniq, count, names, expert):
-  """Sum over the loop's slots s of where(slots == s, weights) * expert_s(x), k terms in routing order.
+def chunk_rows(num_tokens: int, k: int, num_experts: int) -> int:
+  """Rows per expert program of `_grouped_terms`: a power of two about twice a slot's mean share of the
+  (token, k) pairs, at most the tokens. Decode (few pairs per slot) reads each routed slot once; a
+  prefill computes about the pairs it routes, not every token on every routed slot."""
+  mean = -(-num_tokens * k // num_experts)
+  return min(num_tokens, 1 << max(0, 2 * mean - 1).bit_length())
 
-  Each (token, k) pair gets exactly one nonzero term, from its own slot's
-  program, which is the same whatever the pool's size or the slot's index; so a
-  tenant's output bits do not change when its experts move into a bigger
-  (consolidated) pool.
+
+def _grouped_terms(x, slots, weights, pool, names, expert, bound: int, rows: int, absent: int | None = None):
+  """Per (k, token) float32 terms [K, T, D] of the routed experts, slot by slot in chunks of `rows` pairs.
+
+  The (token, k) pairs are sorted by slot (stably); each loop step runs one
+  slot's expert on the next `rows` of its pairs (gathered tokens) and writes
+  each pair's weighted output to its own (k, token) cell. A pair's value thus
+  depends on its slot's pairs only, in the same order and chunk whatever the
+  pool's size or the slot's number: a tenant's output bits do not change when
+  its experts move into a bigger (consolidated) pool. Pairs whose slot is
+  `absent` (held by another shard) are skipped. `bound` bounds the distinct
+  slots (static).
   """
+  x, (t, k) = jnp.asarray(x), slots.shape
+  n = t * k
+  flat = slots.reshape(n)
+  order = jnp.argsort(flat, stable=True)  # pair indices, grouped by slot
+  sorted_slots = flat[order]
+  first = jnp.concatenate([jnp.ones(1, bool), sorted_slots[1:] != sorted_slots[:-1]])
+  group = jnp.cumsum(first) - 1  # [n] each sorted pair's group (distinct slot)
+  counts = jnp.zeros(bound, jnp.int32).at[group].add(1, mode="drop")
+  if absent is not None:  # the absent slot sorts last: its group does no work
+    counts = jnp.where(jnp.arange(bound) == group[-1], jnp.where(sorted_slots[-1] == absent, 0, counts), counts)
+  starts = jnp.cumsum(counts) - counts
+  chunks = -(-counts // rows)
+  chunk_end = jnp.cumsum(chunks)
+  lane = jnp.arange(rows)
+  flat_weights = weights.reshape(n)
 
-  def body(i, acc):  # acc [K, T, D]
-    s = uniq[i]
-    y = expert(x, *_slots(pool, names, s, x.dtype))
-    gate = jnp.where(slots == s, weights, 0.0).T  # [K, T]
-    return acc + gate[:, :, None] * y[None]
+  def body(c, acc):
+    g = jnp.searchsorted(chunk_end, c, side="right")  # the group of chunk c
+    done = (c - (chunk_end[g] - chunks[g])) * rows  # its pairs run by earlier chunks
+    pos = starts[g] + done + lane
+    valid = lane < counts[g] - done
+    pair = order[jnp.minimum(pos, n - 1)]
+    tok = pair // k
+    y = expert(x[tok], *_slots(pool, names, sorted_slots[starts[g]], x.dtype))  # [rows, D]
+    terms = flat_weights[pair][:, None] * y
+    return acc.at[pair % k, jnp.where(valid, tok, t)].set(terms, mode="drop")
 
-  acc = jnp.zeros((slots.shape[1], *x.shape), jnp.float32)
-  acc = jax.lax.fori_loop(0, count, body, acc)
+  acc = jnp.zeros((k, *x.shape), jnp.float32)
+  return jax.lax.fori_loop(0, chunk_end[-1], body, acc)
+
+
+def _sum_k(acc):
+  """The K terms of each token added in routing order."""
   y = acc[0]
   for k in range(1, acc.shape[0]):
     y = y + acc[k]
-  return y.astype(x.dtype)
+  return y
 
 
 def moe_dense(x, router_logits, slot_map, pool, spec: MoeSpec):
@@ -258,9 +294,10 @@ def moe_routed(x, router_logits, slot_map, pool, spec: MoeSpec):
   """
   weights, experts = routing(router_logits, spec)
   slots = expert_slots(experts, slot_map)  # [T, K]
-  uniq, count = unique_slots(slots, slot_bound(slots, pool, spec))
   names, expert = expert_kind(pool)
-  return _accumulate_by_slot(x, slots, weights, pool, uniq, count, names, expert)
+  rows = chunk_rows(x.shape[0], spec.k, router_logits.shape[-1])
+  acc = _grouped_terms(x, slots, weights, pool, names, expert, slot_bound(slots, pool, spec), rows)
+  return _sum_k(acc).astype(x.dtype)
 
 
 def moe_ragged(x, router_logits, slot_map, pool, spec: MoeSpec):
@@ -400,39 +437,26 @@ def _local_pairs(slots, weights, lo, num_local):
   return jnp.where(here, slots - lo, num_local), jnp.where(here, weights, 0.0)
 
 
-def _terms_routed(x, local, weights, pool, spec):
-  """Per (k, token) float32 terms [K, T, D] of this shard's pairs: one loop step per distinct local slot."""
+def _terms_routed(x, local, weights, pool, spec, num_experts: int):
+  """Per (k, token) float32 terms [K, T, D] of this shard's pairs (`_grouped_terms`, the rest skipped)."""
   names, expert = expert_kind(pool)
   num_local = num_slots(pool)
-  bound = min(local.size, num_local) if spec.max_slots is None else min(local.size, num_local, spec.max_slots)
-  uniq = jnp.unique(local.reshape(-1), size=bound, fill_value=num_local)  # ascending, sentinel last
-  count = jnp.sum(uniq < num_local)
-
-  def body(i, acc):
-    s = uniq[i]
-    y = expert(x, *_slots(pool, names, s, x.dtype))
-    gate = jnp.where(local == s, weights, 0.0).T  # [K, T]
-    return acc + gate[:, :, None] * y[None]
-
-  return jax.lax.fori_loop(0, count, body, jnp.zeros((local.shape[1], *x.shape), jnp.float32))
+  bound = (
+    min(local.size, num_local + 1) if spec.max_slots is None else min(local.size, num_local + 1, spec.max_slots + 1)
+  )
+  rows = chunk_rows(x.shape[0], spec.k, num_experts)
+  return _grouped_terms(x, local, weights, pool, names, expert, bound, rows, absent=num_local)
 
 
-def _terms_dense(x, local, weights, pool, spec):
+def _terms_dense(x, local, weights, pool, spec, num_experts: int):
   """Per (k, token) terms [K, T, D]: every local slot on every token, kept where routed."""
-  del spec
+  del spec, num_experts
   names, expert = expert_kind(pool)
   acc = jnp.zeros((local.shape[1], *x.shape), jnp.float32)
   for s in range(num_slots(pool)):
     gate = jnp.where(local == s, weights, 0.0).T  # [K, T]
     acc = acc + gate[:, :, None] * expert(x, *_slots(pool, names, s, x.dtype))[None]
   return acc
-
-
-def _sum_k(acc):
-  y = acc[0]
-  for k in range(1, acc.shape[0]):
-    y = y + acc[k]
-  return y
 
 
 def moe_expert_parallel(x, router_logits, slot_map, pool, spec: MoeSpec):
@@ -459,7 +483,7 @@ def moe_expert_parallel(x, router_logits, slot_map, pool, spec: MoeSpec):
     slots = expert_slots(experts, slot_map)
     num_local = num_slots(pool)
     local, weights = _local_pairs(slots, weights, jax.lax.axis_index(EXPERT_AXIS) * num_local, num_local)
-    acc = terms(x, local, weights, pool, spec)
+    acc = terms(x, local, weights, pool, spec, router_logits.shape[-1])
     if k <= 2:  # two nonzero float32 terms per token at most: their sum does not depend on the order
       return jax.lax.psum(_sum_k(acc), EXPERT_AXIS).astype(x.dtype)
     return _sum_k(jax.lax.psum(acc, EXPERT_AXIS)).astype(x.dtype)
