@@ -37,6 +37,7 @@ class Pending:
     self.ended = False  # the engine holds it no more (finished, rejected, failed)
     self.expired = False
     self.ping_due = False
+    self.generated = None  # the tokens counter for this request's model
     # One timer per request rather than a timeout per wait: waits happen once per token.
     self.timer = loop.call_at(deadline, self._expire)
     self.pinger: asyncio.TimerHandle | None = None
@@ -170,7 +171,9 @@ class Hub:
     for rid, (ids, text) in batch.tokens.items():
       if (p := get(rid)) is not None:
         self._leave_waiting(p)
-        self.metrics.generated.labels(p.model).inc(len(ids))
+        if p.generated is None:
+          p.generated = self.metrics.generated.labels(p.model)  # the labelled child, looked up once
+        p.generated.inc(len(ids))
         self.tenants.active = p.model
         p.push("tokens", (ids, text))
     for response in batch.finished:

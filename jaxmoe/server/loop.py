@@ -25,6 +25,7 @@ from collections.abc import Callable
 from jaxmoe.errors import RequestError
 
 log = logging.getLogger("jaxmoe.server")
+STATS_EVERY_S = 0.1  # how stale the engine stats /metrics and /health read may be while the engine is busy
 
 
 @dataclasses.dataclass
@@ -67,6 +68,7 @@ class EngineLoop:
     self._cancels: collections.deque = collections.deque()
     self.stats: dict = dict(self.engine.stats())  # replaced whole after each step: safe to read anywhere
     self.decode_steps = int(self.stats.get("decode_steps", 0))
+    self._stats_at = time.monotonic()
     self.last_error: str | None = None
     self.step_failures = 0
     self.max_waiting = max_waiting
@@ -126,8 +128,11 @@ class EngineLoop:
       self._step()
     batch, self._batch = self._batch, Batch()
     if stepped or batch:  # a cancel or an admission changes the counts too
-      self.stats = dict(self.engine.stats())
-      self.decode_steps = int(self.stats.get("decode_steps", self.decode_steps))
+      self.decode_steps = int(getattr(self.engine, "decode_steps", self.decode_steps))
+      now = time.monotonic()
+      # stats() walks the weights' trees: at most every STATS_EVERY_S while busy, and once idle.
+      if now - self._stats_at >= STATS_EVERY_S or not self.engine.has_work:
+        self.stats, self._stats_at = dict(self.engine.stats()), now
     if batch:
       self.deliver(batch)
 

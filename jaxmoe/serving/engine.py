@@ -43,7 +43,6 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe import buckets
@@ -312,7 +311,7 @@ class Engine:
     admission = to_device(family.admission_rows(tables, cross, lengths, sp))
     try:
       first, self.kv, _ = family.admit(
-        params, jnp.asarray(tokens), self.kv, admission, self.cfg, cfg.impl, ops, cache=self.weights.cache
+        params, self._put(tokens), self.kv, admission, self.cfg, cfg.impl, ops, cache=self.weights.cache
       )
       first = np.asarray(first)
     except Exception as e:  # noqa: BLE001  a failed program fails its own requests, nothing else
@@ -348,7 +347,7 @@ class Engine:
     try:
       nxt, self.kv, self._rows_on_device = self.family.decode(
         params,
-        jnp.asarray(tokens),
+        self._put(tokens),
         self.kv,
         self._rows_on_device,
         self.cfg,
@@ -413,6 +412,11 @@ class Engine:
       q = self.config.page_size
       self.kv = self._place_kv(self.family.init_kv(self.cfg, self.pages.num_pages, q))
     self.host_rows.dirty = True
+
+  def _put(self, x):
+    """A step's host input: committed to the default device (one cheap transfer, no eager op); on a mesh,
+    left to the mesh hooks, which shard it."""
+    return to_device(x) if self.mesh is None else x
 
   def _place_kv(self, kv):
     return to_device(kv) if self.mesh is None else self.mesh.kv(kv)
