@@ -503,15 +503,6 @@ class Engine:
       **self._pool_reads(),
     }
 
-  def _pool_reads(self) -> dict:
-    """A pool read lazily off disk: how many of its slots this process has read (on a mesh, its share)."""
-    lazy, out = self.weights.lazy_pool, {}
-    if lazy is not None:
-      out = {"pool_slots_read": len(lazy.slots_read), "pool_slots": lazy.num_slots}
-    if lazy is not None and self.mesh is not None:
-      out["pool_slots_held"] = self.mesh.held_slots(self.weights.pool)
-    return out
-
 
 def _check_config(config: EngineConfig, cfg) -> None:
   if config.max_batch < 1 or config.max_seq_len < 2:
