@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from jaxmoe import buckets
 from jaxmoe.axes import ArrayLike, Float, Int, checked
 from jaxmoe.kernels.moe import moe_swiglu
 from jaxmoe.nn import sharding
@@ -206,8 +207,7 @@ def chunk_rows(num_tokens: int, k: int, num_experts: int) -> int:
   """Rows per expert program of `_grouped_terms`: a power of two about twice a slot's mean share of the
   (token, k) pairs, at most the tokens. Decode (few pairs per slot) reads each routed slot once; a
   prefill computes about the pairs it routes, not every token on every routed slot."""
-  mean = -(-num_tokens * k // num_experts)
-  return min(num_tokens, 1 << max(0, 2 * mean - 1).bit_length())
+  return buckets.pow2(2 * -(-num_tokens * k // num_experts), cap=num_tokens)
 
 
 def _grouped_terms(x, slots, weights, pool, names, expert, bound: int, rows: int, absent: int | None = None):
@@ -229,9 +229,8 @@ def _grouped_terms(x, slots, weights, pool, names, expert, bound: int, rows: int
   sorted_slots = flat[order]
   first = jnp.concatenate([jnp.ones(1, bool), sorted_slots[1:] != sorted_slots[:-1]])
   group = jnp.cumsum(first) - 1  # [n] each sorted pair's group (distinct slot)
-  counts = jnp.zeros(bound, jnp.int32).at[group].add(1, mode="drop")
-  if absent is not None:  # the absent slot sorts last: its group does no work
-    counts = jnp.where(jnp.arange(bound) == group[-1], jnp.where(sorted_slots[-1] == absent, 0, counts), counts)
+  here = 1 if absent is None else (sorted_slots != absent).astype(jnp.int32)  # absent pairs: a group of 0
+  counts = jnp.zeros(bound, jnp.int32).at[group].add(here, mode="drop")
   starts = jnp.cumsum(counts) - counts
   chunks = -(-counts // rows)
   chunk_end = jnp.cumsum(chunks)
@@ -396,8 +395,6 @@ def moe(
   return STRATEGIES[impl](x, router_logits, jnp.asarray(slot_map), pool, spec)
 
 
-# Expert parallelism.
-#
 # Expert parallelism: the MoE boundary over a pool sharded by slot across the mesh's `expert` axis.
 #
 # Each device of the expert axis holds a contiguous block of Xl = X / n pool
