@@ -467,8 +467,8 @@ class Engine:
     lazy, out = self.weights.lazy_pool, {}
     if lazy is not None:
       out = {"pool_slots_read": len(lazy.slots_read), "pool_slots": lazy.num_slots}
-    if lazy is not None and self.mesh is not None:
-      out["pool_slots_held"] = self.mesh.held_slots(self.weights.pool)
+    if lazy is not None and self.weights.pool_slots_held is not None:
+      out["pool_slots_held"] = self.weights.pool_slots_held
     return out
 
   def close(self) -> None:

@@ -64,8 +64,10 @@ class TenantWeights:
       self.cache.fill(by_popularity(store.slot_maps.values()))  # start full: the experts most tenants share
     elif mesh is None:
       self.pool = to_device(moe.pack(store.pool))
-    else:  # a lazily read store: each process reads only the slots of its own devices
+    else:  # a store read lazily is read slot by slot: each process reads only its own devices' slots
       self.pool = mesh.pool(lazy.packed_leaves() if lazy is not None else moe.pack(store.pool), store.slot_maps)
+    # This process's share of the pool on a mesh (fixed once placed), for the read counts in the stats.
+    self.pool_slots_held = mesh.held_slots(self.pool) if mesh is not None and self.pool is not None else None
     self.host_slot_maps = {t: np.asarray(store.slot_maps[t], np.int32) for t in self.tenants}
     self.slot_maps = {t: self._slot_map(store.slot_maps[t]) for t in self.tenants}
     self.stats = SwitchStats()
