@@ -350,6 +350,8 @@ def main(argv):
   out.mkdir(parents=True, exist_ok=True)
   cache = FLAGS.cache_dir or str(out / "xla_cache")
   env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+  if not FLAGS.dry_run:  # the GPU tests run at XLA's full optimisation, not the suite's cheap CPU one
+    env["JAXMOE_TEST_FULL_OPT"] = "1"
   doc = {
     "environment": environment(),
     "dry_run": FLAGS.dry_run,

@@ -45,6 +45,7 @@ flags.DEFINE_integer("max_seq_len", 128, "Engine max_seq_len.")
 flags.DEFINE_integer("bad_every", 10, "Every n-th HTTP request is a bad one.")
 flags.DEFINE_string("mode", "mixed", "Engine mode.")
 flags.DEFINE_float("stream_interval_s", 0.0, "The server's --stream_interval_s.")
+flags.DEFINE_bool("overlap", True, "EngineConfig.overlap of both loops (the server's --overlap).")
 flags.DEFINE_string("out", None, "Folder for server_load.json.")
 KEY = "bench-key"
 TEMPLATE = "{% for m in messages %}{{ m.role[0] }}{{ m.content }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
@@ -369,7 +370,7 @@ def start_server(store: pathlib.Path, log_path: pathlib.Path):
   cmd = [
     sys.executable, "-m", "jaxmoe.cli.server", f"--store={store}", "--port=0", f"--mode={FLAGS.mode}",
     f"--max_batch={FLAGS.max_batch}", f"--max_seq_len={FLAGS.max_seq_len}", f"--max_waiting={4 * FLAGS.clients}",
-    f"--api_key={KEY}", f"--stream_interval_s={FLAGS.stream_interval_s}",
+    f"--api_key={KEY}", f"--stream_interval_s={FLAGS.stream_interval_s}", f"--overlap={FLAGS.overlap}",
   ]  # fmt: skip
   env = {**__import__("os").environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_path.open("w"), text=True, env=env, cwd=REPO)
@@ -444,7 +445,9 @@ def measure(store_dir: pathlib.Path, root: pathlib.Path) -> dict:
   goods = [good_request(i, store.tenants) for i in range(2000)]
   chats = load_chats(store)
   reqs = [engine_request(e, b, chats) for e, b in goods]
-  cfg = EngineConfig(mode=Mode(FLAGS.mode), max_batch=FLAGS.max_batch, max_seq_len=FLAGS.max_seq_len)
+  cfg = EngineConfig(
+    mode=Mode(FLAGS.mode), max_batch=FLAGS.max_batch, max_seq_len=FLAGS.max_seq_len, overlap=FLAGS.overlap
+  )
   proc, base = start_server(store_dir, root / "server.log")
   try:
     mem = {"start": rss(proc.pid)}
@@ -458,6 +461,7 @@ def measure(store_dir: pathlib.Path, root: pathlib.Path) -> dict:
     def on_timed():
       mem["timed_start"] = rss(proc.pid)
       marks["compiled"] = server_metric(base, "jaxmoe_server_compiled_programs")
+      print(f"http: warmed up, timing {FLAGS.duration_s:.0f} s", flush=True)
 
     load = asyncio.run(run_http(base, goods, reqs, store.tenants, on_timed))
     mem["end"] = rss(proc.pid)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
@@ -13,6 +15,18 @@ def default_sharding() -> jax.sharding.Sharding:
 def to_device(tree):
   """Commits arrays to the default device, so every caller's arguments share one jit cache key."""
   return jax.device_put(tree, default_sharding())
+
+
+@functools.cache
+def _identity():
+  return jax.jit(lambda tree: tree, out_shardings=default_sharding())
+
+
+def commit(tree):
+  """Small host arrays (a step's inputs) onto the default device, committed as `to_device` commits them,
+  through a jitted identity: its C++ dispatch costs about a tenth of device_put's Python path per array
+  (about 20 us against 160 us on a CPU). Each new tree shape compiles once: not for weights."""
+  return _identity()(tree)
 
 
 def pinned_host_sharding() -> jax.sharding.Sharding | None:

@@ -112,6 +112,12 @@ def define_engine_flags() -> None:
     "store's files when needed. Needs --expert_cache_gb.",
   )
   flags.DEFINE_list("pinned_tenants", [], "With --expert_cache_gb: tenants whose experts are never evicted.")
+  flags.DEFINE_bool(
+    "overlap",
+    True,
+    "Dispatch each decode step before the previous one's tokens are read (one device without an expert "
+    "cache; elsewhere steps run one at a time).",
+  )
   define_moe_impl()
   define_verify_checksums()
 
@@ -134,6 +140,7 @@ def engine_config(store):
     pinned_tenants=tuple(f.pinned_tenants),
     mesh=f.mesh,
     placement=f.placement,
+    overlap=f.overlap,
   )
 
 

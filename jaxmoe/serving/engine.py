@@ -6,7 +6,10 @@ no global state, so the batch CLI and the HTTP server drive the same code.
 Each step admits waiting requests into free rows of a fixed [max_batch] batch
 (one batched prefill into their KV pages, which also samples each one's first
 token), runs one decode step for every active row (sampling on the device: the
-host receives token ids [B] only), and retires finished rows. Shapes are
+host receives token ids [B] only), and retires finished rows. On one device
+without an expert cache the steps overlap (`EngineConfig.overlap`,
+serving/overlap.py): step n+1 is dispatched before step n's ids are read, so
+the host's bookkeeping runs while the device computes. Shapes are
 static: prompts are padded to power-of-two length buckets, admission groups to
 power-of-two sizes, and the pages a decode step attends over to a power of two
 that covers the longest active row, so compiled programs are bounded by bucket
@@ -46,7 +49,7 @@ import jax
 import numpy as np
 
 from jaxmoe import buckets
-from jaxmoe.devices import free, to_device
+from jaxmoe.devices import commit, free, to_device
 from jaxmoe.errors import RequestError
 from jaxmoe.families import registry
 from jaxmoe.nn.moe import Impl
@@ -54,6 +57,7 @@ from jaxmoe.nn.sampling import SamplingParams
 from jaxmoe.nn.tenancy import MixedTenants, SingleTenant
 from jaxmoe.serving import mesh as mesh_lib
 from jaxmoe.serving import offload
+from jaxmoe.serving import overlap as overlap_lib
 from jaxmoe.serving import requests as req_lib
 from jaxmoe.serving.detok import TextStream
 from jaxmoe.serving.pages import HostRows, PageAllocator, pages_for
@@ -81,6 +85,7 @@ class EngineConfig:
   history: int = 10_000  # recent requests the summary's percentiles cover (memory stays bounded)
   mesh: str = ""  # 'data:2,expert:4' (jaxmoe/serving/mesh.py); '': one device, no mesh
   placement: str = "round_robin"  # on a mesh: which expert shard holds each pool slot (serving/placement.py)
+  overlap: bool = True  # dispatch decode step n+1 before reading step n (one device, no expert cache only)
 
 
 class Engine:
@@ -126,6 +131,11 @@ class Engine:
     self.started = clock()
     self.decode_steps = 0
     self._compiled_at_start = compilations()
+    # Overlapping needs the step's ids to stay on one device: a mesh's followers are sent host ids, and
+    # the expert cache's stepped programs read the routing back every layer anyway.
+    self.overlap = config.overlap and self.mesh is None and self.weights.cache is None
+    self._pending: overlap_lib.Dispatched | None = None  # the decode step dispatched, not yet read
+    self._last_ids = to_device(np.zeros(config.max_batch, np.int32))  # that step's ids, on the device
 
   # Requests in.
   def check(self, request: Request | dict, default_id: str = "request") -> tuple[Request, list[int]]:
@@ -218,15 +228,30 @@ class Engine:
   # The loop.
   @property
   def has_work(self) -> bool:
-    return bool(self.waiting) or any(self.rows) or bool(self.done)
+    return bool(self.waiting) or any(self.rows) or bool(self.done) or self._pending is not None
 
   def step(self) -> list[dict]:
-    """Admits, prefills, decodes one token for every active row; returns finished responses."""
+    """Admits, prefills, decodes one token for every active row; returns finished responses.
+
+    Overlapped, the tokens this returns are those of the previous decode step (and of this step's
+    prefill): this step's decode is read at the next call, while the one after it computes.
+    """
     admitted = self._admissions()
-    if admitted:
-      self._prefill(admitted)
-    if any(self.rows):
-      self._decode()
+    first = self._prefill(admitted) if admitted else None
+    if first is not None and not self.overlap:
+      self._take(first)  # the decode below starts from host ids: read the first tokens now
+      first = None
+    before, self._pending = self._pending, None
+    failed = self._decode(first) if any(self.rows) else None
+    if before is not None:
+      self._take(before)
+    if failed is not None:  # after `before`: rows that step finished are served, not failed
+      self._device_failure([s for s in failed[0] if s.row >= 0], failed[1])
+    if first is not None:
+      self._take(first)
+    if not self.overlap and self._pending is not None:
+      now, self._pending = self._pending, None
+      self._take(now)
     out, self.done = self.done, []
     for r in out:
       self.served.add(r)
@@ -283,13 +308,13 @@ class Engine:
       if ids not in self._ids_on_device:  # rows change tenants rarely: reuse the device copy
         if len(self._ids_on_device) > 64:
           self._ids_on_device.clear()
-        self._ids_on_device[ids] = to_device(np.asarray(ids, np.int32))
+        self._ids_on_device[ids] = commit(np.asarray(ids, np.int32))
       return self.weights.stacked, MixedTenants(self._ids_on_device[ids], len(self.weights.tenants))
     tenant = next(s.request.model for s in seqs if s is not None)
     return self.weights.params(tenant), SingleTenant()
 
   # Device work.
-  def _prefill(self, seqs: list[Sequence]) -> None:
+  def _prefill(self, seqs: list[Sequence]) -> overlap_lib.Dispatched | None:
     cfg, family = self.config, self.family
     nb = buckets.pow2(len(seqs), cfg.max_batch)
     tb = buckets.pow2(max(len(s.prompt) for s in seqs), cfg.max_seq_len, floor=8)
@@ -308,17 +333,16 @@ class Engine:
       r = s.request
       sp.seeds[i], sp.temperature[i], sp.top_p[i] = r.seed, r.temperature, r.top_p
     params, ops = self._params_and_ops(list(seqs) + [None] * (nb - len(seqs)))
-    admission = to_device(family.admission_rows(tables, cross, lengths, sp))
+    admission = commit(family.admission_rows(tables, cross, lengths, sp))
     try:
       first, self.kv, _ = family.admit(
         params, self._put(tokens), self.kv, admission, self.cfg, cfg.impl, ops, cache=self.weights.cache
       )
-      first = np.asarray(first)
     except Exception as e:  # noqa: BLE001  a failed program fails its own requests, nothing else
       self._device_failure(seqs, e)
-      return
+      return None
     now = self.clock()
-    for i, s in enumerate(seqs):
+    for s in seqs:
       s.admitted = now
       self.rows[s.row] = s
       r = s.request
@@ -333,13 +357,22 @@ class Engine:
         r.temperature,
         r.top_p,
       )
-      self._append(s, int(first[i]), now)
+    return overlap_lib.Dispatched(tuple(seqs), first, tuple(range(len(seqs))))
 
-  def _decode(self) -> None:
+  def _decode(self, first: overlap_lib.Dispatched | None) -> tuple[list[Sequence], Exception] | None:
+    """Dispatches one decode step (`self._pending`); returns (its sequences, the error) if it failed."""
     running = [s for s in self.rows if s is not None]
-    tokens = np.zeros(self.config.max_batch, np.int32)
-    for s in running:
-      tokens[s.row] = s.tokens[-1]
+    if self.overlap:  # the previous step's ids, this step's admissions merged in: all on the device
+      tokens = self._last_ids
+      if first is not None:
+        rows = np.full(first.tokens.shape[0], self.config.max_batch, np.int32)
+        rows[: len(first.seqs)] = [s.row for s in first.seqs]
+        tokens = overlap_lib.merge(tokens, first.tokens, commit(rows))
+    else:
+      tokens = np.zeros(self.config.max_batch, np.int32)
+      for s in running:
+        tokens[s.row] = s.tokens[-1]
+      tokens = self._put(tokens)
     width = self.host_rows.width_for(self.config.page_size)
     if self.host_rows.dirty or width != self._width_on_device:
       self._rows_on_device, self._width_on_device = self.host_rows.upload(width), width
@@ -347,7 +380,7 @@ class Engine:
     try:
       nxt, self.kv, self._rows_on_device = self.family.decode(
         params,
-        self._put(tokens),
+        tokens,
         self.kv,
         self._rows_on_device,
         self.cfg,
@@ -355,15 +388,26 @@ class Engine:
         ops,
         cache=self.weights.cache,
       )
-      nxt = np.asarray(nxt)
     except Exception as e:  # noqa: BLE001  the step's rows cannot be told apart: all of them fail
-      self._device_failure(running, e)
-      return
+      return running, e
     self.host_rows.advance()
     self.decode_steps += 1
+    self._last_ids = nxt
+    self._pending = overlap_lib.Dispatched(tuple(running), nxt, tuple(s.row for s in running))
+    return None
+
+  def _take(self, d: overlap_lib.Dispatched) -> None:
+    """Reads a dispatched step's ids and appends each to its sequence, unless the sequence ended since
+    (finished, failed or cancelled: its row is -1), which drops that token."""
+    try:
+      ids = np.asarray(d.tokens)
+    except Exception as e:  # noqa: BLE001  the program failed while running: as if it failed to start
+      self._device_failure([s for s in d.seqs if s.row >= 0], e)
+      return
     now = self.clock()
-    for s in running:
-      self._append(s, int(nxt[s.row]), now)
+    for s, i in zip(d.seqs, d.index):
+      if s.row >= 0:
+        self._append(s, int(ids[i]), now)
 
   def _append(self, s: Sequence, token: int, now: float) -> None:
     if s.first_token is None:
@@ -416,7 +460,7 @@ class Engine:
   def _put(self, x):
     """A step's host input: committed to the default device (one cheap transfer, no eager op); on a mesh,
     left to the mesh hooks, which shard it."""
-    return to_device(x) if self.mesh is None else x
+    return commit(x) if self.mesh is None else x
 
   def _place_kv(self, kv):
     return to_device(kv) if self.mesh is None else self.mesh.kv(kv)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxmoe import buckets
-from jaxmoe.devices import to_device
+from jaxmoe.devices import commit
 from jaxmoe.nn import paged
 from jaxmoe.nn.sampling import SamplingParams
 
@@ -100,7 +100,7 @@ class HostRows:
     self.dirty = False
     sp = self.sampling
     cross = None if self.cross_tables is None else self.cross_tables
-    return to_device(
+    return commit(
       paged.Rows(
         self.tables[:, :width].copy(),
         self.lengths.copy(),

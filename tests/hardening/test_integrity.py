@@ -21,7 +21,7 @@ from jaxmoe.errors import CheckpointError, ConversionError, StoreError
 from jaxmoe.families.mixtral import config, layout
 from jaxmoe.io import checkpoint, integrity
 from jaxmoe.io.convert import convert
-from tests.helpers import LEGACY
+from tests.helpers import LEGACY, recorded_close
 from tests.io.test_convert import hf_config, hf_tensors, write_hf
 
 CFG = config.preset("tiny")
@@ -217,8 +217,8 @@ def test_legacy_files_warn_once_and_load_unchanged():
   assert len(unverified) == 2, [str(w.message) for w in caught]
   assert "mixtral_a" in str(unverified[0].message) and "mixtral_store" in str(unverified[1].message)
   assert all("\n" not in str(w.message) for w in unverified)
-  np.testing.assert_array_equal(model.logits(TOKENS), OUTPUTS["mixtral_a/logits"])
-  np.testing.assert_array_equal(store.model("a").logits(TOKENS), OUTPUTS["store_a/logits"])
+  recorded_close(model.logits(TOKENS), OUTPUTS["mixtral_a/logits"])
+  recorded_close(store.model("a").logits(TOKENS), OUTPUTS["store_a/logits"])
 
 
 def test_conversion_refuses_non_finite_sources_naming_the_tensor(tmp_path):

@@ -86,7 +86,9 @@ def test_streaming_equals_generate_with_usage_last(store, client):
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     tokens = [t for c in chunks if c.choices for t in c.choices[0].model_extra["token_ids"]]
     assert tokens == expected and text == store.model(tenant).decode(expected)
-    assert len(chunks) >= len(expected)  # an event per engine step, not one at the end
+    # Events as the engine steps, not one at the end (a client that reads late gets several steps'
+    # tokens in one event, so how many depends on the machine's load).
+    assert sum(bool(c.choices and c.choices[0].model_extra["token_ids"]) for c in chunks) > 1
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(expected)
     assert [c.choices[0].finish_reason for c in chunks[-2:-1]] == ["stop" if len(expected) < 20 else "length"]
 

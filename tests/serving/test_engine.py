@@ -75,6 +75,27 @@ def test_continuous_batching_equals_one_at_a_time(store):
     assert batched[r["id"]]["token_ids"] == alone[r["id"]]["token_ids"]
 
 
+@pytest.mark.parametrize("mode", [Mode.MIXED, Mode.SWAP])
+def test_overlapped_steps_serve_what_one_step_at_a_time_serves(store, mode):
+  reqs = interleaved(store, 12, seed=6)
+  for r in reqs[::3]:
+    r.update(temperature=0.8, top_p=0.9, seed=7)
+  reqs[1]["max_tokens"] = 10  # still running when cancelled below
+  got = {}
+  for overlap in (False, True):
+    engine = Engine(store, EngineConfig(mode=mode, max_batch=4, max_seq_len=MAX_SEQ, page_size=4, overlap=overlap))
+    assert engine.overlap is overlap
+    for r in reqs:
+      engine.submit(r)
+    out = engine.step() + engine.step()
+    assert engine.cancel("r1")
+    out += engine.run_until_done()
+    got[overlap] = {o["id"]: (o["token_ids"], o["finish_reason"], o["error"]) for o in out}
+    assert engine.pages.free == engine.pages.num_pages - 1 and not any(engine.rows)
+  assert sorted(got[True]) == sorted(r["id"] for r in reqs if r["id"] != "r1")
+  assert got[True] == got[False]
+
+
 def test_sampling_matches_generate_with_the_same_seed(store, tenant_models):
   t = store.tenants[1]
   req = {
