@@ -258,7 +258,7 @@ def child_offload(dry_run: bool) -> dict:
 
   rows = []
   for mode, tenants in ((Mode.RESIDENT, store.tenants[:1]), (Mode.MIXED, store.tenants)):
-    for share in (1.0, 0.75, 0.5):
+    for share in (1.0, 0.5) if dry_run else (1.0, 0.75, 0.5):  # a dry run checks the paths, not the curve
       rows.append({"mode": mode.value, **run(mode, tenants, share)})
   return {"pool_slots": pool, "expert_bytes": expert, "layers": cfg.num_layers, "rows": rows}
 
