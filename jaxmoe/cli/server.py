@@ -88,17 +88,17 @@ def main(argv) -> int:
   import uvicorn
 
   host, port = sock.getsockname()[:2]
-  print(
-    f"jaxmoe-server: {len(store.tenants)} tenants ({', '.join(store.tenants)}), mode {FLAGS.mode}, "
-    f"listening on http://{host}:{port}",
-    flush=True,
-  )
-  # The engine thread and the event loop share the GIL: a 1 ms switch interval (default 5 ms) lets
-  # the engine thread take it back soon after each device call returns, so steps are not delayed.
-  sys.setswitchinterval(0.001)
-  try:
+  try:  # from the announcement on: a SIGINT right after it (a supervisor that read it) is a clean stop
+    print(
+      f"jaxmoe-server: {len(store.tenants)} tenants ({', '.join(store.tenants)}), mode {FLAGS.mode}, "
+      f"listening on http://{host}:{port}",
+      flush=True,
+    )
+    # The engine thread and the event loop share the GIL: a 1 ms switch interval (default 5 ms) lets
+    # the engine thread take it back soon after each device call returns, so steps are not delayed.
+    sys.setswitchinterval(0.001)
     uvicorn.Server(uvicorn_config(asgi, FLAGS.host, port, FLAGS.log_level)).run(sockets=[sock])
-  except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the SIGINT it caught
+  except KeyboardInterrupt:  # a SIGINT before uvicorn took the signals, or the one it re-raised after a graceful stop
     pass
   finally:
     for engine in engines:  # the followers' loops end with process 0's
