@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import numpy as np
@@ -24,3 +25,12 @@ def recorded_close(got, want) -> None:
   cheap pipeline (tests/conftest.py), which may round float sums differently, so equal within float32
   rounding (a misread weight is off by far more). Token ids are still compared exactly."""
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=2e-5, err_msg=max_abs(got, want))
+
+
+def cpu_devices_env(devices: int) -> dict:
+  """The environment of a subprocess with `devices` forced CPU devices, importing this checkout; the
+  XLA flags already set (the suite's compile level) are kept."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+  return env

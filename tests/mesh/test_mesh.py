@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
-from tests.helpers import REPO
+from tests.helpers import REPO, cpu_devices_env
 
 
 def test_mesh_cases_on_8_host_devices():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+  env = cpu_devices_env(8)
   cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/mesh/mesh_cases.py"]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]

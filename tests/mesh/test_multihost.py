@@ -12,7 +12,6 @@ a one-device jaxmoe-serve of the same file, token for token.
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -26,7 +25,7 @@ from jaxmoe.consolidate.pipeline import ConsolidateConfig, consolidate
 from jaxmoe.families.mixtral import config
 from jaxmoe.io import checkpoint
 from jaxmoe.serving.synthetic import synthetic_store
-from tests.helpers import REPO
+from tests.helpers import cpu_devices_env
 
 TIMEOUT_S = 240
 
@@ -72,13 +71,6 @@ def _serve_args(root, out, *extra):
   ] + ([f"--requests={root / 'in.jsonl'}", f"--out={out}"] if out is not None else [])
 
 
-def _env(devices: int) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-  return env
-
-
 def _tokens(path) -> dict:
   return {r["id"]: (r["token_ids"], r["error"]) for r in map(json.loads, path.read_text().splitlines())}
 
@@ -102,15 +94,18 @@ def test_two_processes_over_loopback_equal_one_device(served):
   root = served
   dist = ["--mesh=expert:2,data:2", f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2"]
   follower = subprocess.Popen(
-    _serve_args(root, None, *dist, "--process_id=1"), env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    _serve_args(root, None, *dist, "--process_id=1"),
+    env=cpu_devices_env(2),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
   )
   one = subprocess.Popen(
-    _serve_args(root, root / "one.jsonl"), env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    _serve_args(root, root / "one.jsonl"), env=cpu_devices_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
   )
   try:
     leader = subprocess.run(
       _serve_args(root, root / "mesh.jsonl", *dist, "--process_id=0"),
-      env=_env(2),
+      env=cpu_devices_env(2),
       capture_output=True,
       text=True,
       timeout=TIMEOUT_S,
