@@ -241,13 +241,12 @@ def hf_figures(store, repeats: int) -> dict | None:
   return out
 
 
-def engine_figures(store, repeats: int) -> dict:
+def engine_requests(store) -> list[dict]:
+  """The engine figure's workload: 32 requests of 32 tokens after 16-token prompts, every tenant."""
   import numpy as np
 
-  from jaxmoe.serving import Engine, EngineConfig, Mode
-
   rng = np.random.default_rng(3)
-  reqs = [
+  return [
     {
       "id": f"r{i}",
       "model": store.tenants[i % len(store.tenants)],
@@ -257,18 +256,25 @@ def engine_figures(store, repeats: int) -> dict:
     for i in range(32)
   ]
 
-  def serve(max_seq_len):
-    engine = Engine(store, EngineConfig(mode=Mode.MIXED, max_batch=8, max_seq_len=max_seq_len))
-    for r in reqs:
-      engine.submit(dict(r))
-    start = time.perf_counter()
-    out = engine.run_until_done()
-    return sum(len(o["token_ids"]) for o in out) / (time.perf_counter() - start)
 
+def engine_run(store, reqs: list[dict], max_seq_len: int, overlap: bool = True) -> tuple[float, int]:
+  """(tokens/s, decode steps) of a mixed-mode engine at batch 8 serving `reqs` to the end."""
+  from jaxmoe.serving import Engine, EngineConfig, Mode
+
+  engine = Engine(store, EngineConfig(mode=Mode.MIXED, max_batch=8, max_seq_len=max_seq_len, overlap=overlap))
+  for r in reqs:
+    engine.submit(dict(r))
+  start = time.perf_counter()
+  out = engine.run_until_done()
+  return sum(len(o["token_ids"]) for o in out) / (time.perf_counter() - start), engine.decode_steps
+
+
+def engine_figures(store, repeats: int) -> dict:
+  reqs = engine_requests(store)
   out = {}
   for max_seq_len in (256, 4096):
-    serve(max_seq_len)
-    out[max_seq_len] = statistics.median(serve(max_seq_len) for _ in range(repeats))
+    engine_run(store, reqs, max_seq_len)
+    out[max_seq_len] = statistics.median(engine_run(store, reqs, max_seq_len)[0] for _ in range(repeats))
     print(f"  engine mixed K={len(store.tenants)} max_seq_len={max_seq_len}: {out[max_seq_len]:.0f} tok/s", flush=True)
   return out
 
