@@ -250,8 +250,8 @@ class Engine:
     if first is not None:
       self._take(first)
     if not self.overlap and self._pending is not None:
-      now, self._pending = self._pending, None
-      self._take(now)
+      this_step, self._pending = self._pending, None
+      self._take(this_step)
     out, self.done = self.done, []
     for r in out:
       self.served.add(r)
