@@ -6,11 +6,12 @@ The step of bench/decode.py (its D=256, L=4 model, rows at actual length 64,
 max_seq_len 256) is timed untraced, then traced with XLA:CPU's per-thunk trace
 events on (`--xla_cpu_enable_xprof_traceme`, set before jax loads; tracing
 slows the step a little). Control-flow ops (`while`, `call`, `conditional`)
-are left out: their events span their bodies' ops, which are counted. Ops are grouped by name with XLA's numeric suffix
-dropped (`dynamic-slice_bitcast_fusion.2` -> `dynamic-slice_bitcast_fusion`)
-and printed as milliseconds and calls per step, largest first. In the routed
-MoE loop, `dynamic-slice_bitcast_fusion` is the copy of one routed slot's
-weight out of the pool before its matmul (`ynn_fusion`): XLA:CPU copies a
+are left out: their events span their bodies' ops, which are counted. Ops are
+grouped by name with XLA's numeric suffix dropped
+(`dynamic-slice_bitcast_fusion.2` -> `dynamic-slice_bitcast_fusion`) and
+printed as milliseconds and calls per step, largest first. In the routed MoE
+loop, `dynamic-slice_bitcast_fusion` is the copy of one routed slot's weight
+out of the pool before its matmul (`ynn_fusion`): XLA:CPU copies a
 dynamically indexed operand of a dot instead of reading it in place.
 """
 
@@ -23,7 +24,6 @@ import os
 import pathlib
 import re
 import tempfile
-import time
 
 from absl import app, flags
 
@@ -40,7 +40,7 @@ _CONTROL_FLOW = {"while", "call", "conditional"}
 def op_times(trace: dict, steps: int) -> list[tuple[str, float, float]]:
   """(op kind, ms per step, calls per step) of the XLA ops in a perfetto trace, largest first."""
   total, calls = collections.Counter(), collections.Counter()
-  for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
+  for e in trace["traceEvents"]:
     name = e.get("name", "")
     kind = re.sub(r"\.\d+$", "", name)
     if e.get("ph") != "X" or name.startswith(_HOST_EVENTS) or "::" in name or kind in _CONTROL_FLOW:
@@ -54,16 +54,14 @@ def main(argv):
   del argv
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_enable_xprof_traceme=true".strip()
   import jax
-  from decode import StepBench, bench_config  # bench/decode.py, beside this script
+  from decode import StepBench, bench_config, median_time  # bench/decode.py, beside this script
 
   from jaxmoe.serving.synthetic import synthetic_store
 
   store = synthetic_store(bench_config(), 4, seed=0, own_fraction=0.25)
   bench = StepBench(store, list(store.tenants[: FLAGS.tenants]), FLAGS.batch, 256)
   bench.run(2)
-  start = time.perf_counter()
-  bench.run(FLAGS.steps)
-  step_ms = 1e3 * (time.perf_counter() - start) / FLAGS.steps
+  step_ms = 1e3 * median_time(lambda: bench.run(FLAGS.steps), 1) / FLAGS.steps
   with tempfile.TemporaryDirectory() as tmp:
     jax.profiler.start_trace(tmp, create_perfetto_trace=True)
     bench.run(FLAGS.steps)
