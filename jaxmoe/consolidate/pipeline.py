@@ -32,6 +32,7 @@ from jaxmoe.io.store import StoreWriter, expert_bytes, store_writer
 from jaxmoe.io.tokenizer import load_tokenizer
 from jaxmoe.nn.moe import Impl
 from jaxmoe.nn.precision import precision
+from jaxmoe.trees import tree_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +160,9 @@ def _distance_pass(readers, w: StoreWriter, ccfg: ConsolidateConfig) -> tuple[np
       d, s = _layer_distances(readers, trees, moe_index[part], xs, step, ccfg)
       dists.append(d)
       sames.append(s)
+    dropped = tree_bytes(trees)
     del trees  # before the next part is read: one layer of every tenant at a time
-    files.release_memory()
+    files.release_memory(dropped)
   return np.stack(dists), np.stack(sames)
 
 
@@ -220,8 +222,9 @@ def _pool_pass(readers, w: StoreWriter, plan: Plan) -> None:
   for i, groups in enumerate(plan.layers):
     pool = _layer_pool(readers, i, groups)
     w.write_pool_layer(i, pool)
+    dropped = tree_bytes(pool)
     del pool  # before the next layer is read
-    files.release_memory()
+    files.release_memory(dropped)
 
 
 def describe(names, readers, ccfg: ConsolidateConfig, sel: Selection, plan: Plan, dist) -> dict:

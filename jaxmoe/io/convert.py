@@ -19,6 +19,7 @@ from tqdm import tqdm
 from jaxmoe.errors import ConversionError
 from jaxmoe.families import base, registry
 from jaxmoe.io import checkpoint, files, hf
+from jaxmoe.trees import tree_bytes
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -71,8 +72,9 @@ def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | None
     for name, read in bar:
       tree = read()
       w.write_part(name, tree)
+      dropped = tree_bytes(tree)
       del tree  # before the next part is read, so only one is ever held
-      files.release_memory()
+      files.release_memory(dropped)
     checkpoint.copy_tokenizer(hf_dir, w.folder)
     w.finish(base.local_identity_slot_map(cfg.num_moe_layers, cfg.num_experts))
   return cfg

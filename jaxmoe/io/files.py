@@ -207,14 +207,23 @@ def read_json(path: pathlib.Path, error: type[Exception]) -> Any:
     raise error(f"{path}: cannot read ({e.strerror or e})") from None
 
 
-def release_memory() -> None:
+# Below this many bytes a dropped layer is not worth a full collection, which takes a third of a
+# second in a process holding many objects (a test session's, a server's).
+RELEASE_MIN_BYTES = 16 << 20
+
+
+def release_memory(dropped: int) -> None:
   """Returns freed memory to the OS between layers, so the next layer's peak does not stack on it.
 
-  jax leaves reference cycles that hold host buffers until a full collection,
-  and glibc keeps freed heap pages (XLA's worker threads allocate from their
-  own arenas) until asked to trim; a pass over many layers otherwise carries a
-  layer's worth of garbage into the next one (tests/io/test_memory.py).
+  `dropped` is the bytes just let go (jaxmoe.trees.tree_bytes of the layer); under
+  RELEASE_MIN_BYTES nothing is done. jax leaves reference cycles that hold
+  host buffers until a full collection, and glibc keeps freed heap pages
+  (XLA's worker threads allocate from their own arenas) until asked to trim;
+  a pass over many layers otherwise carries a layer's worth of garbage into
+  the next one (tests/io/test_memory.py).
   """
+  if dropped < RELEASE_MIN_BYTES:
+    return
   gc.collect()
   trim_heap()
 
