@@ -41,7 +41,6 @@ surface besides the loop: `check`, `cancel`, `stats()`, `num_running`,
 from __future__ import annotations
 
 import collections
-import dataclasses
 import time
 from collections.abc import Callable
 
@@ -52,13 +51,14 @@ from jaxmoe import buckets
 from jaxmoe.devices import commit, free, to_device
 from jaxmoe.errors import RequestError
 from jaxmoe.families import registry
-from jaxmoe.nn.moe import Impl
 from jaxmoe.nn.sampling import SamplingParams
 from jaxmoe.nn.tenancy import MixedTenants, SingleTenant
+from jaxmoe.serving import config as config_lib
 from jaxmoe.serving import mesh as mesh_lib
 from jaxmoe.serving import offload
 from jaxmoe.serving import overlap as overlap_lib
 from jaxmoe.serving import requests as req_lib
+from jaxmoe.serving.config import EngineConfig
 from jaxmoe.serving.detok import TextStream
 from jaxmoe.serving.pages import HostRows, PageAllocator, pages_for
 from jaxmoe.serving.requests import Request
@@ -69,23 +69,6 @@ from jaxmoe.serving.weights import Mode, make_weights
 from jaxmoe.trees import tree_bytes
 
 TokenCallback = Callable[[str, int, str], None]  # (request id, token id, text delta)
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-  mode: Mode = Mode.MIXED
-  max_batch: int = 8
-  max_seq_len: int = 256  # prompt + max_tokens must fit (encoder-decoder: each of them)
-  max_wait_s: float = 1.0  # swap/resident: how long another tenant may wait before a switch
-  impl: Impl = Impl.AUTO
-  page_size: int = 16  # positions per KV-cache page
-  kv_cache_gb: float | None = None  # KV pool size in 10^9 bytes; None: max_batch rows of max_seq_len
-  expert_cache_gb: float | None = None  # device bytes for experts (10^9); None: the whole pool on the device
-  pinned_tenants: tuple[str, ...] = ()  # with an expert cache: tenants whose experts are never evicted
-  history: int = 10_000  # recent requests the summary's percentiles cover (memory stays bounded)
-  mesh: str = ""  # 'data:2,expert:4' (jaxmoe/serving/mesh.py); '': one device, no mesh
-  placement: str = "round_robin"  # on a mesh: which expert shard holds each pool slot (serving/placement.py)
-  overlap: bool = True  # dispatch decode step n+1 before reading step n (one device, no expert cache only)
 
 
 class Engine:
@@ -100,7 +83,7 @@ class Engine:
     clock: Callable[[], float] = time.perf_counter,
   ):
     self.config, self.cfg, self.clock, self.on_token = config, store.config, clock, on_token
-    _check_config(config, self.cfg)
+    config_lib.check_config(config, self.cfg)
     self.mesh = mesh_lib.EngineMesh.create(config.mesh, config.placement)  # None: one device
     self.family = mesh_lib.hooks(registry.of(self.cfg).engine, self.mesh)
     self.tokenizer = tokenizer if tokenizer is not None else getattr(store, "tokenizer", None)
@@ -116,7 +99,7 @@ class Engine:
     width = pages_for(config.max_seq_len, q)
     cross_width = width if self.family.cross else 0
     self.page_bytes = self.family.page_bytes(self.cfg, q)
-    num_pages = _num_pages(config, self.page_bytes, width + cross_width)
+    num_pages = config_lib.num_pages(config, self.page_bytes, width + cross_width)
     # Committed like the jitted steps' outputs, so the first step does not compile a second variant.
     self.kv = self._place_kv(self.family.init_kv(self.cfg, num_pages, q))
     self.pages = PageAllocator(num_pages)
@@ -486,13 +469,8 @@ class Engine:
 
   def stats(self) -> dict:
     """Counters of the engine so far: tenant switches, device bytes, sequences, KV pages."""
-    st = self.weights.stats
     return {
-      "switches": st.switches,
-      "switch_bytes": st.bytes,
-      "switch_s": st.seconds,
-      "device_weight_bytes": self.weights.device_bytes(),
-      "kv_bytes": tree_bytes(self.kv),
+      **self._weight_counters(),
       "kv_pages": self.pages.num_pages - 1,
       "kv_pages_free": self.pages.free,
       "running": self.num_running,
@@ -502,17 +480,23 @@ class Engine:
       "requests": self.served.requests,
       "errors": self.served.errors,
       "completion_tokens": self.served.completion_tokens,
-      **offload.stats(self.weights.cache, self.weights.host_slot_maps),
-      **self._pool_reads(),
     }
 
-  def _pool_reads(self) -> dict:
-    """A pool read lazily off disk: how many of its slots this process has read (on a mesh, its share)."""
-    lazy, out = self.weights.lazy_pool, {}
-    if lazy is not None:
-      out = {"pool_slots_read": len(lazy.slots_read), "pool_slots": lazy.num_slots}
-    if lazy is not None and self.weights.pool_slots_held is not None:
-      out["pool_slots_held"] = self.weights.pool_slots_held
+  def _weight_counters(self) -> dict:
+    """Tenant switches, device bytes of weights and KV, the expert cache's and a lazy pool's reads."""
+    st, lazy = self.weights.stats, self.weights.lazy_pool
+    out = {
+      "switches": st.switches,
+      "switch_bytes": st.bytes,
+      "switch_s": st.seconds,
+      "device_weight_bytes": self.weights.device_bytes(),
+      "kv_bytes": tree_bytes(self.kv),
+      **offload.stats(self.weights.cache, self.weights.host_slot_maps),
+    }
+    if lazy is not None:  # a pool read lazily off disk: how many of its slots this process has read
+      out.update(pool_slots_read=len(lazy.slots_read), pool_slots=lazy.num_slots)
+      if self.weights.pool_slots_held is not None:  # on a mesh, its share
+        out["pool_slots_held"] = self.weights.pool_slots_held
     return out
 
   def close(self) -> None:
@@ -522,8 +506,7 @@ class Engine:
 
   def summary(self) -> dict:
     """The engine's counters and latency percentiles (over the most recent `history` requests)."""
-    wall = self.clock() - self.started
-    s, st = self.served, self.weights.stats
+    wall, s = self.clock() - self.started, self.served
     return {
       "mode": self.config.mode.value,
       "requests": s.requests,
@@ -536,39 +519,10 @@ class Engine:
       "ttft_p99_s": s.percentile("ttft_s", 99),
       "turnaround_p50_s": s.percentile("turnaround_s", 50),
       "turnaround_p99_s": s.percentile("turnaround_s", 99),
-      "switches": st.switches,
-      "switch_bytes": st.bytes,
-      "switch_s": st.seconds,
       "decode_steps": self.decode_steps,
       "compilations": compilations() - self._compiled_at_start,
-      "device_weight_bytes": self.weights.device_bytes(),
-      "kv_bytes": tree_bytes(self.kv),
-      **offload.stats(self.weights.cache, self.weights.host_slot_maps),
-      **self._pool_reads(),
+      **self._weight_counters(),
     }
-
-
-def _check_config(config: EngineConfig, cfg) -> None:
-  if config.max_batch < 1 or config.max_seq_len < 2:
-    raise ValueError(f"need max_batch >= 1 and max_seq_len >= 2, got {config}")
-  if config.page_size < 1 or config.page_size & (config.page_size - 1):
-    raise ValueError(f"page_size={config.page_size} must be a power of two")
-  if config.kv_cache_gb is not None and not config.kv_cache_gb > 0:
-    raise ValueError(f"kv_cache_gb={config.kv_cache_gb} must be > 0")
-  if cfg.max_positions is not None and config.max_seq_len > cfg.max_positions:
-    raise ValueError(
-      f"max_seq_len={config.max_seq_len} exceeds the model's max_position_embeddings={cfg.max_positions}"
-    )
-
-
-def _num_pages(config: EngineConfig, page_bytes: int, pages_per_row: int) -> int:
-  """Pages in the pool, the scratch page included."""
-  if config.kv_cache_gb is None:
-    return 1 + config.max_batch * pages_per_row
-  pages = int(config.kv_cache_gb * 1e9 // page_bytes)
-  if pages < 2:
-    raise ValueError(f"kv_cache_gb={config.kv_cache_gb} holds {pages} pages of {page_bytes} bytes; at least 2")
-  return pages
 
 
 def compilations() -> int:
