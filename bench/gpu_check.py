@@ -256,10 +256,13 @@ def child_offload(dry_run: bool) -> dict:
     keys = ("expert_cache_misses", "expert_cache_prefetched", "expert_cache_bytes", "expert_cache_prefetch_bytes")
     return {"share": share, "slots": slots, "tokens_per_s": rates[-1], **{k: s.get(k) for k in keys}}
 
+  plan = [(mode, share) for mode in (Mode.RESIDENT, Mode.MIXED) for share in (1.0, 0.75, 0.5)]
+  if dry_run:  # the paths, not the curve: the whole pool on the device, and an expert cache
+    plan = [(Mode.RESIDENT, 1.0), (Mode.MIXED, 0.5)]
   rows = []
-  for mode, tenants in ((Mode.RESIDENT, store.tenants[:1]), (Mode.MIXED, store.tenants)):
-    for share in (1.0, 0.5) if dry_run else (1.0, 0.75, 0.5):  # a dry run checks the paths, not the curve
-      rows.append({"mode": mode.value, **run(mode, tenants, share)})
+  for mode, share in plan:
+    tenants = store.tenants if mode is Mode.MIXED else store.tenants[:1]
+    rows.append({"mode": mode.value, **run(mode, tenants, share)})
   return {"pool_slots": pool, "expert_bytes": expert, "layers": cfg.num_layers, "rows": rows}
 
 
