@@ -49,15 +49,34 @@ def golden():
   return {name: dict(np.load(FIXTURES / name / "golden.npz")) for name in HF_FIXTURES}
 
 
+def _mappings() -> int | None:
+  """This process's memory mappings (Linux), or None where /proc does not say."""
+  try:
+    with open("/proc/self/maps", "rb") as f:
+      return sum(1 for _ in f)
+  except OSError:
+    return None
+
+
+# A quarter of Linux's default vm.max_map_count (65530): far from it, yet rarely reached by one worker.
+MAPPINGS_BEFORE_RELEASE = 16_000
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-  """Drops every compiled program after each test module.
+  """Drops every compiled program after a test module once the process maps many pages.
 
   One process compiles thousands of small programs over the suite; each holds
   mapped code pages, and a long run can reach the kernel's limit on memory
-  mappings (vm.max_map_count, 65530 here), after which XLA crashes in a compile.
+  mappings, after which XLA crashes in a compile. Releasing after every module
+  costs about a second each and recompiles what later modules share, so it
+  waits until the mappings pass MAPPINGS_BEFORE_RELEASE (always, where they
+  cannot be counted).
   """
   yield
+  count = _mappings()
+  if count is not None and count < MAPPINGS_BEFORE_RELEASE:
+    return
   import gc
 
   import jax
