@@ -64,7 +64,7 @@ MAPPINGS_BEFORE_RELEASE = 16_000
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-  """Drops every compiled program after a test module once the process maps many pages.
+  """Drops every compiled program after a test module once the process has many memory mappings.
 
   One process compiles thousands of small programs over the suite; each holds
   mapped code pages, and a long run can reach the kernel's limit on memory

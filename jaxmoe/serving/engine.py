@@ -58,7 +58,6 @@ from jaxmoe.serving import mesh as mesh_lib
 from jaxmoe.serving import offload
 from jaxmoe.serving import overlap as overlap_lib
 from jaxmoe.serving import requests as req_lib
-from jaxmoe.serving.config import EngineConfig
 from jaxmoe.serving.detok import TextStream
 from jaxmoe.serving.pages import HostRows, PageAllocator, pages_for
 from jaxmoe.serving.requests import Request
@@ -77,7 +76,7 @@ class Engine:
   def __init__(
     self,
     store,
-    config: EngineConfig = EngineConfig(),
+    config: config_lib.EngineConfig = config_lib.EngineConfig(),
     tokenizer=None,
     on_token: TokenCallback | None = None,
     clock: Callable[[], float] = time.perf_counter,
