@@ -11,29 +11,46 @@ scratch page no sequence owns: unused table entries and idle rows point at it.
 Attention over pages costs what the table slice given to it holds: callers pass
 tables[:, :n] with n pages enough for the longest row (a few static buckets),
 so a step's work follows the actual lengths, not the configured maximum.
+
+Pages over a mesh's `data` axis. A cache of `shards` > 1 holds that many
+blocks of pages along the pool's second dim, one per data shard, each laid out
+as above ([M, L * P, Q, H], its own scratch page 0 included): global page g is
+page g % P of shard g // P, and a row's pages all lie in one shard (the
+engine's allocator, jaxmoe/serving/pages.py). `write` and `per_row` run under
+a `shard_map` over `data`: each shard sees its own block of pages and every
+row, maps the tables to its own pages (pages elsewhere to its scratch page),
+writes and reads only the rows it holds, and `per_row` adds the shards'
+results, zero for the rows a shard does not hold, so they are exact. A device
+thus holds 1 / shards of the cache and reads only its rows' pages.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 from jax.experimental.pallas.ops.gpu import paged_attention as pallas_paged
+from jax.sharding import PartitionSpec as P
 
 from jaxmoe.axes import ArrayLike, Float, Int, checked
+from jaxmoe.nn import sharding
 from jaxmoe.nn.attention import causal_mask, gqa_attention
 from jaxmoe.nn.sampling import SamplingParams
 
 SCRATCH_PAGE = 0
+DATA_AXIS = "data"
 
 
 @struct.dataclass
 class PagedKV:
   """Keys and values of every layer, in pages."""
 
-  k: jax.Array  # [M, L * P, Q, H]
-  v: jax.Array  # [M, L * P, Q, H]
-  pages_per_layer: int = struct.field(pytree_node=False)
+  k: jax.Array  # [M, S * L * P, Q, H]
+  v: jax.Array  # [M, S * L * P, Q, H]
+  pages_per_layer: int = struct.field(pytree_node=False)  # P, in each shard
+  shards: int = struct.field(pytree_node=False, default=1)  # S blocks of pages, over the mesh's `data` axis
 
   @property
   def page_size(self) -> int:
@@ -66,6 +83,17 @@ def init(num_layers: int, pages_per_layer: int, page_size: int, heads: int, head
   return PagedKV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), pages_per_layer)
 
 
+def over_data(kv: PagedKV, mesh, shards: int) -> PagedKV:
+  """An empty cache shaped like `kv` (one shard), `shards` times over, its pages split over `mesh`'s data axis."""
+  target = sharding.named(mesh, None, "pages")
+
+  def zeros(x):
+    shape = (x.shape[0], shards * x.shape[1], *x.shape[2:])
+    return jax.jit(lambda: jnp.zeros(shape, x.dtype), out_shardings=target)()
+
+  return PagedKV(zeros(kv.k), zeros(kv.v), kv.pages_per_layer, shards)
+
+
 def page_bytes(num_layers: int, page_size: int, heads: int, head_dim: int, itemsize: int) -> int:
   """Bytes of one page across every layer, keys and values (what a row's page costs)."""
   return 2 * num_layers * heads * page_size * head_dim * itemsize
@@ -78,6 +106,29 @@ def _locate(kv: PagedKV, layer, tables, positions):
   return layer * kv.pages_per_layer + pages, positions % q
 
 
+def _write(kv: PagedKV, layer, tables, positions, k, v) -> PagedKV:
+  page, offset = _locate(kv, layer, tables, positions)
+  to_pool = lambda x: jnp.transpose(x, (2, 0, 1, 3)).astype(kv.k.dtype)  # [M, B, T, H]
+  return kv.replace(k=kv.k.at[:, page, offset].set(to_pool(k)), v=kv.v.at[:, page, offset].set(to_pool(v)))
+
+
+def _shard_tables(tables, pages_per_layer: int):
+  """Inside the shard_map over `data`: (tables in this shard's pages, others -> scratch; [B] rows held here).
+
+  A row is held where its first page is; idle rows (all scratch) by shard 0.
+  """
+  lo = jax.lax.axis_index(DATA_AXIS) * pages_per_layer
+  here = (tables >= lo) & (tables < lo + pages_per_layer)
+  return jnp.where(here, tables - lo, SCRATCH_PAGE), here[:, 0]
+
+
+def _over_shards(body, kv: PagedKV, out_specs, *args):
+  """body(k, v, *args) per data shard: k, v their shard's block of pages, every other argument whole."""
+  pages = P(None, DATA_AXIS)
+  run = jax.shard_map(body, in_specs=(pages, pages, *(P() for _ in args)), out_specs=out_specs, check_vma=False)
+  return run(kv.k, kv.v, *args)
+
+
 @checked
 def write(
   kv: PagedKV,
@@ -88,9 +139,37 @@ def write(
   v: Float[jax.Array, "B T M H"],
 ) -> PagedKV:
   """Writes new keys/values [B, T, M, H] at each row's positions [B, T] of layer `layer`."""
-  page, offset = _locate(kv, layer, tables, positions)
-  to_pool = lambda x: jnp.transpose(x, (2, 0, 1, 3)).astype(kv.k.dtype)  # [M, B, T, H]
-  return kv.replace(k=kv.k.at[:, page, offset].set(to_pool(k)), v=kv.v.at[:, page, offset].set(to_pool(v)))
+  if kv.shards == 1:
+    return _write(kv, layer, tables, positions, k, v)
+
+  def body(pk, pv, layer, tables, positions, k, v):
+    local, _ = _shard_tables(tables, kv.pages_per_layer)
+    out = _write(PagedKV(pk, pv, kv.pages_per_layer), layer, local, positions, k, v)
+    return out.k, out.v
+
+  pages = P(None, DATA_AXIS)
+  new_k, new_v = _over_shards(body, kv, (pages, pages), layer, jnp.asarray(tables), positions, k, v)
+  return kv.replace(k=new_k, v=new_v)
+
+
+def per_row(fn: Callable, kv: PagedKV, layer, tables, *args) -> jax.Array:
+  """fn(kv, layer, tables, *args) -> per-row results [B, ...] of reading the rows' pages.
+
+  On one shard, fn itself. Over `data` shards each shard runs fn on its own
+  pages (`kv` its block, `tables` mapped to it), keeps the rows it holds, zeroes
+  the others, and the shards' results are added: each row's result is its own
+  shard's, exactly.
+  """
+  if kv.shards == 1:
+    return fn(kv, layer, tables, *args)
+
+  def body(pk, pv, layer, tables, *args):
+    local, held = _shard_tables(tables, kv.pages_per_layer)
+    out = fn(PagedKV(pk, pv, kv.pages_per_layer), layer, local, *args)
+    out = jnp.where(held.reshape(-1, *(1,) * (out.ndim - 1)), out, jnp.zeros((), out.dtype))
+    return jax.lax.psum(out, DATA_AXIS)
+
+  return _over_shards(body, kv, P(), layer, jnp.asarray(tables), *args)
 
 
 def gather(pool: jax.Array, layer, pages_per_layer: int, tables) -> jax.Array:

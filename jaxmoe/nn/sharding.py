@@ -8,7 +8,8 @@ deployment runs on (`"data:2,expert:4"`) decides which of them are split:
   pool     expert-pool slots X (the pool is sharded by slot)      -> expert
   heads    attention heads N / M                                  -> model
   vocab    the LM head's output features V                        -> model
-  others   embed D, mlp F, layers L, tenants A, experts E, pages P -> replicated
+  pages    KV-cache pages (jaxmoe/nn/paged.py: a block per shard)  -> data
+  others   embed D, mlp F, layers L, tenants A, experts E          -> replicated
 
 A logical axis whose mesh axis is absent from the mesh (or has size 1) is
 replicated, so one table serves every mesh, a single device included. The
@@ -44,7 +45,7 @@ RULES: dict[str, str | None] = {
   "layers": None,
   "tenants": None,
   "experts": None,
-  "pages": None,
+  "pages": "data",
 }
 
 

@@ -16,7 +16,7 @@ class EngineConfig:
   max_wait_s: float = 1.0  # swap/resident: how long another tenant may wait before a switch
   impl: Impl = Impl.AUTO
   page_size: int = 16  # positions per KV-cache page
-  kv_cache_gb: float | None = None  # KV pool size in 10^9 bytes; None: max_batch rows of max_seq_len
+  kv_cache_gb: float | None = None  # KV pool per device (per data shard), 10^9 bytes; None: its rows' max_seq_len
   expert_cache_gb: float | None = None  # device bytes for experts (10^9); None: the whole pool on the device
   pinned_tenants: tuple[str, ...] = ()  # with an expert cache: tenants whose experts are never evicted
   history: int = 10_000  # recent requests the summary's percentiles cover (memory stays bounded)
@@ -39,10 +39,11 @@ def check_config(config: EngineConfig, cfg) -> None:
     )
 
 
-def num_pages(config: EngineConfig, page_bytes: int, pages_per_row: int) -> int:
-  """Pages in the pool, the scratch page included."""
+def num_pages(config: EngineConfig, page_bytes: int, pages_per_row: int, rows: int | None = None) -> int:
+  """Pages in the pool of one device (a data shard's, on a mesh), the scratch page included: kv_cache_gb's
+  worth, or room for `rows` rows of max_seq_len (default max_batch)."""
   if config.kv_cache_gb is None:
-    return 1 + config.max_batch * pages_per_row
+    return 1 + (config.max_batch if rows is None else rows) * pages_per_row
   pages = int(config.kv_cache_gb * 1e9 // page_bytes)
   if pages < 2:
     raise ValueError(f"kv_cache_gb={config.kv_cache_gb} holds {pages} pages of {page_bytes} bytes; at least 2")

@@ -98,10 +98,14 @@ class Engine:
     width = pages_for(config.max_seq_len, q)
     cross_width = width if self.family.cross else 0
     self.page_bytes = self.family.page_bytes(self.cfg, q)
-    num_pages = config_lib.num_pages(config, self.page_bytes, width + cross_width)
+    shards = 1 if self.mesh is None else self.mesh.data_shards  # KV pages split over `data`, rows with them
+    if config.max_batch % shards:
+      raise ValueError(f"max_batch={config.max_batch} must be a multiple of the mesh's data:{shards}")
+    self.rows_per_shard = config.max_batch // shards
+    num_pages = config_lib.num_pages(config, self.page_bytes, width + cross_width, self.rows_per_shard)
+    self.pages = PageAllocator(num_pages, shards)
     # Committed like the jitted steps' outputs, so the first step does not compile a second variant.
     self.kv = self._place_kv(self.family.init_kv(self.cfg, num_pages, q))
-    self.pages = PageAllocator(num_pages)
     self.host_rows = HostRows(config.max_batch, width, cross_width)
     self._rows_on_device, self._width_on_device = None, 0
     self.rows: list[Sequence | None] = [None] * config.max_batch
@@ -134,10 +138,10 @@ class Engine:
       raise RequestError(f"request id {request.id!r} is already in the engine; ids must be unique")
     prompt = self._prompt_ids(request)
     need = sum(self._pages_needed(len(prompt), request.max_tokens))
-    if need > self.pages.num_pages - 1:
+    if need > self.pages.largest:
       raise RequestError(
         f"the request needs {need} KV-cache pages of {self.config.page_size} positions; the "
-        f"cache has {self.pages.num_pages - 1} (raise kv_cache_gb)"
+        f"cache has {self.pages.largest}{' per data shard' if self.pages.shards > 1 else ''} (raise kv_cache_gb)"
       )
     return request, prompt
 
@@ -252,14 +256,23 @@ class Engine:
     chosen = []
     for s in self._candidates(len(free_rows)):
       need, cross = self._pages_needed(len(s.prompt), s.request.max_tokens)
-      if need + cross > self.pages.free:
+      row = self._row_for(free_rows, need + cross)
+      if row is None:
         break  # wait, in order, until running sequences return pages
-      s.pages, s.cross_pages = self.pages.take(need), self.pages.take(cross)
-      s.row = free_rows[len(chosen)]
+      shard = row // self.rows_per_shard
+      s.pages, s.cross_pages = self.pages.take(need, shard), self.pages.take(cross, shard)
+      s.row = row
+      free_rows.remove(row)
       chosen.append(s)
     for s in chosen:
       self.waiting.remove(s)
     return chosen
+
+  def _row_for(self, free_rows: list[int], pages: int) -> int | None:
+    """A free row whose data shard has `pages` free pages: in the shard with the most free pages, its
+    first (one shard: the first free row), or None."""
+    fits = [r for r in free_rows if self.pages.free_in(r // self.rows_per_shard) >= pages]
+    return max(fits, key=lambda r: (self.pages.free_in(r // self.rows_per_shard), -r), default=None)
 
   def _candidates(self, free: int) -> list[Sequence]:
     if not self.waiting or free == 0:
@@ -436,7 +449,7 @@ class Engine:
       for s in [s for s in self.rows if s is not None]:
         self._fail(s, message)
       q = self.config.page_size
-      self.kv = self._place_kv(self.family.init_kv(self.cfg, self.pages.num_pages, q))
+      self.kv = self._place_kv(self.family.init_kv(self.cfg, self.pages.pages_per_shard, q))
     self.host_rows.dirty = True
 
   def _put(self, x):
@@ -470,7 +483,7 @@ class Engine:
     """Counters of the engine so far: tenant switches, device bytes, sequences, KV pages."""
     return {
       **self._weight_counters(),
-      "kv_pages": self.pages.num_pages - 1,
+      "kv_pages": self.pages.usable,
       "kv_pages_free": self.pages.free,
       "running": self.num_running,
       "waiting": self.num_waiting,

@@ -10,9 +10,11 @@ the logical axes of jaxmoe/nn/sharding.py:
   batch rows  tokens, block tables, lengths, sampling settings and tenant
               ids over `data` where the axis divides the batch, else
               replicated (an admission of one)
-  KV pages    replicated. Splitting the pages over `data` needs a page
-              allocator per data shard and the step mapped over `data`;
-              until then each device holds the whole cache.
+  KV pages    over `data`: one block of pages per data shard (jaxmoe/nn/
+              paged.py), which the rows of that shard (max_batch / data
+              consecutive rows) take their pages from (the engine's
+              allocator); each device holds its shard's block, and paged
+              reads and writes run per shard
 
 `MeshHooks` wraps a family's engine hooks (`admit`, `decode`): it places the
 step's inputs, runs the jitted step under `jax.set_mesh` (which is how the
@@ -28,7 +30,7 @@ import contextlib
 import jax
 import numpy as np
 
-from jaxmoe.nn import sharding
+from jaxmoe.nn import paged, sharding
 from jaxmoe.serving import placement as placement_lib
 
 
@@ -38,6 +40,7 @@ class EngineMesh:
   def __init__(self, mesh: jax.sharding.Mesh, policy: str = "round_robin"):
     self.mesh, self.policy = mesh, policy
     self.expert_shards = mesh.shape.get("expert", 1)
+    self.data_shards = mesh.shape.get("data", 1)
     self.placement: placement_lib.Placement | None = None
     self._replicated = sharding.replicated(mesh)
     self._devices = set(mesh.devices.flat)
@@ -78,7 +81,10 @@ class EngineMesh:
     return jax.tree.map(lambda x: self._put(x, self._replicated), tree)
 
   def kv(self, kv):
-    return self.replicate(kv)
+    """An empty cache of one shard's pages -> that, once per data shard, split over `data`."""
+    if self.data_shards == 1:
+      return self.replicate(kv)
+    return paged.over_data(kv, self.mesh, self.data_shards)
 
   # Each step's rows.
   def batch(self, tree):

@@ -19,23 +19,44 @@ from jaxmoe.nn.sampling import SamplingParams
 
 
 class PageAllocator:
-  """Free pages 1..P-1 of one pool (page 0 is the scratch page)."""
+  """Free pages of one pool, in `shards` blocks of `pages_per_shard` pages (page 0 of each is its scratch page).
 
-  def __init__(self, num_pages: int):
-    self.num_pages = num_pages
-    self._free = list(range(num_pages - 1, 0, -1))  # pop() hands out low pages first
+  Global page g is page g % pages_per_shard of shard g // pages_per_shard
+  (jaxmoe/nn/paged.py); one shard is the whole pool, pages 1..P-1.
+  """
+
+  def __init__(self, pages_per_shard: int, shards: int = 1):
+    self.pages_per_shard, self.shards = pages_per_shard, shards
+    self._free = [
+      list(range((s + 1) * pages_per_shard - 1, s * pages_per_shard, -1)) for s in range(shards)
+    ]  # pop() hands out low pages first
+
+  @property
+  def usable(self) -> int:
+    """Pages sequences can hold, every shard's."""
+    return self.shards * (self.pages_per_shard - 1)
+
+  @property
+  def largest(self) -> int:
+    """The most pages one sequence can hold (its pages lie in one shard)."""
+    return self.pages_per_shard - 1
 
   @property
   def free(self) -> int:
-    return len(self._free)
+    return sum(len(f) for f in self._free)
 
-  def take(self, n: int) -> list[int]:
-    if n > len(self._free):
-      raise RuntimeError(f"asked for {n} KV pages with {len(self._free)} free")
-    return [self._free.pop() for _ in range(n)]
+  def free_in(self, shard: int) -> int:
+    return len(self._free[shard])
+
+  def take(self, n: int, shard: int = 0) -> list[int]:
+    free = self._free[shard]
+    if n > len(free):
+      raise RuntimeError(f"asked for {n} KV pages with {len(free)} free in shard {shard}")
+    return [free.pop() for _ in range(n)]
 
   def give_back(self, pages: list[int]) -> None:
-    self._free.extend(reversed(pages))
+    for p in reversed(pages):
+      self._free[p // self.pages_per_shard].append(p)
 
 
 def pages_for(positions: int, page_size: int) -> int:

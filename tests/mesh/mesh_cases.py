@@ -162,3 +162,51 @@ def test_a_store_read_from_its_files_is_placed_slot_by_slot(store, tmp_path):
   summary = engine.summary()
   assert summary["pool_slots_read"] == summary["pool_slots_held"] == summary["pool_slots"] == lazy.host_pool.num_slots
   engine.close()
+
+
+def _serve_paged(store, mesh, pages_per_device):
+  """Rows of very different lengths over 4-position pages, so few pages per device that admissions wait for
+  them; greedy and seeded sampling, every tenant, mixed mode."""
+  rng = np.random.default_rng(3)
+  reqs = [
+    {
+      "id": f"p{i}",
+      "model": store.tenants[i % len(store.tenants)],
+      "prompt_ids": rng.integers(0, 250, 1 + (7 * i) % 13).tolist(),
+      "max_tokens": 2 + (5 * i) % 11,
+      **({"temperature": 0.9, "seed": i} if i % 3 == 0 else {}),
+    }
+    for i in range(10)
+  ]
+  probe = Engine(store, EngineConfig(max_batch=4, max_seq_len=32, page_size=4))
+  gb = pages_per_device * probe.page_bytes / 1e9
+  probe.close()
+  engine = Engine(
+    store, EngineConfig(mode=Mode.MIXED, max_batch=4, max_seq_len=32, page_size=4, kv_cache_gb=gb, mesh=mesh)
+  )
+  for r in reqs:
+    engine.submit(r)
+  waited = False
+  out = {}
+  while engine.has_work:
+    for o in engine.step():
+      out[o["id"]] = (o["token_ids"], o["error"])
+    waited |= engine.num_waiting > 0 and engine.free_rows > 0  # a free row, but no shard had the pages
+  assert len(out) == len(reqs) and all(err is None for _, err in out.values()), out
+  return out, engine, waited
+
+
+@pytest.mark.parametrize("which", ["mixtral", "switch"])
+def test_kv_pages_over_data_equal_one_device_and_split_the_cache(store, switch_store, which):
+  """data:2: each device holds half the pages (its shard's block), rows take pages from their own shard, and
+  every request's tokens equal the single-device engine's, also when pages run out and admissions wait."""
+  s = store if which == "mixtral" else switch_store
+  want, _, _ = _serve_paged(s, "", 9)
+  got, engine, waited = _serve_paged(s, "data:2", 9)
+  assert got == want
+  assert waited  # 8 usable pages per shard: the workload's longer requests had to wait
+  per_device = engine.mesh.bytes_per_device(engine.kv)
+  total = sum(x.nbytes for x in jax.tree.leaves(engine.kv))
+  assert len(per_device) == 2 and set(per_device.values()) == {total // 2}, per_device
+  assert engine.pages.shards == 2 and engine.stats()["kv_pages"] == 2 * 8
+  engine.close()

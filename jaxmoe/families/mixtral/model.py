@@ -84,8 +84,12 @@ def attend_pages(q, kv: paged.PagedKV, layer, ctx: Context, cfg: MixtralConfig):
   """Queries [B, T, M, G, H] over the rows' pages: jax's Pallas kernel on GPUs (one query, no window)."""
   scale = cfg.head_dim**-0.5
   if jax.default_backend() == "gpu" and q.shape[1] == 1 and cfg.sliding_window is None:
-    return paged.attention_pallas(q, kv, layer, ctx.tables, ctx.positions[:, 0] + 1, scale)
-  return paged.attention_reference(q, kv, layer, ctx.tables, ctx.positions, scale, cfg.sliding_window)
+    fn = lambda kv, layer, tables, q, pos: paged.attention_pallas(q, kv, layer, tables, pos[:, 0] + 1, scale)  # noqa: E731
+  else:
+    fn = lambda kv, layer, tables, q, pos: paged.attention_reference(  # noqa: E731
+      q, kv, layer, tables, pos, scale, cfg.sliding_window
+    )
+  return paged.per_row(fn, kv, layer, ctx.tables, q, ctx.positions)
 
 
 class DecoderLayer(nn.Module):

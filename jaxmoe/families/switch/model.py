@@ -90,6 +90,13 @@ def relative_buckets(rel, cfg: SwitchConfig, bidirectional: bool):
   return offset + jnp.asarray(table)[jnp.minimum(dist, len(table) - 1)]
 
 
+def _attend_pages(kv: paged.PagedKV, layer, tables, q, bias, mask):
+  """T5 attention of queries q [B, T, N, H] over the rows' pages of layer `layer`."""
+  k = paged.gather(kv.k, layer, kv.pages_per_layer, tables)
+  v = paged.gather(kv.v, layer, kv.pages_per_layer, tables)
+  return biased_attention(q, k, v, bias, mask)
+
+
 def position_bias(table, rel, cfg: SwitchConfig, bidirectional: bool, ops):
   """rel [b, T, S] (b = 1 or B) -> bias [b or B, N, T, S] from a [Z, N] table (per row's tenant)."""
   b, t, s = rel.shape
@@ -183,9 +190,10 @@ class Block(nn.Module):
     q, k, v = heads(rms_norm(x, ops.vector(p["attn_norm"]), eps), ("q", "k", "v"))
     if self.stack == "decoder" and kv is not None:  # scatter into the pool: a donated cache updates in place
       kv = paged.write(kv, layer, ctx.tables, ctx.positions, k, v)
-      k = paged.gather(kv.k, layer, kv.pages_per_layer, ctx.tables)
-      v = paged.gather(kv.v, layer, kv.pages_per_layer, ctx.tables)
-    x = x + ops.linear("BTNH,NHD->BTD", biased_attention(q, k, v, ctx.bias, ctx.mask), p["o"])
+      out = paged.per_row(_attend_pages, kv, layer, ctx.tables, q, ctx.bias, ctx.mask)
+    else:
+      out = biased_attention(q, k, v, ctx.bias, ctx.mask)
+    x = x + ops.linear("BTNH,NHD->BTD", out, p["o"])
     if self.stack == "decoder":
       x, kv = self.cross_attention(x, ctx, layer, kv, heads)
     h = rms_norm(x, ops.vector(p["mlp_norm"]), eps)
@@ -206,9 +214,9 @@ class Block(nn.Module):
         b, u = ctx.enc_out.shape[:2]
         positions = jnp.broadcast_to(jnp.arange(u, dtype=jnp.int32), (b, u))
         kv = paged.write(kv, layer, ctx.cross_tables, positions, ck, cv)
-      ck = paged.gather(kv.k, layer, kv.pages_per_layer, ctx.cross_tables)
-      cv = paged.gather(kv.v, layer, kv.pages_per_layer, ctx.cross_tables)
-    cross = biased_attention(cq, ck, cv, None, ctx.cross_mask)  # no position bias
+      cross = paged.per_row(_attend_pages, kv, layer, ctx.cross_tables, cq, None, ctx.cross_mask)
+    else:
+      cross = biased_attention(cq, ck, cv, None, ctx.cross_mask)  # no position bias
     return x + ctx.ops.linear("BTNH,NHD->BTD", cross, self.p["co"]), kv
 
   def dense(self, h, ops):
