@@ -6,7 +6,8 @@ For each model shape and mesh, with K tenants consolidated into one pool
 (`own_fraction` of (layer, expert) positions distinct per tenant, as
 `synthetic_store` builds them), the table gives:
   - bytes each device holds: its pool shard (round-robin placement), the
-    replicated backbones (mode mixed: all K), the KV cache of the batch;
+    replicated backbones (mode mixed: all K), the KV pages of its data
+    shard's rows (the batch / n_data);
   - the bytes one device sends per decode step in the MoE all-reduce
     (jaxmoe/nn/moe.py: T x D float32 per layer, ring) and, for
     comparison, what an all-to-all dispatch + return of the (token, k) pairs
@@ -180,7 +181,7 @@ def estimate(case, trials: int, measured_step_s: float | None = None) -> dict:
     "pool_per_device_GB": per_shard * s.expert_bytes / 1e9,
     "pool_per_device_vs_ideal": per_shard / (x / n_exp),
     "backbones_per_device_GB": backbone_read / 1e9,
-    "kv_per_device_GB": s.kv_bytes(batch * context) / 1e9,
+    "kv_per_device_GB": kv_read / n_data / 1e9,  # KV pages split over `data`
     "all_reduce_MB_per_step": all_reduce / 1e6,
     "all_to_all_MB_per_step": all_to_all / 1e6,
     "single_device_step_ms": 1e3 * t1,
@@ -322,8 +323,8 @@ def main(argv):
     f"`python bench/mesh.py --out={FLAGS.out}` on {platform.machine()} / {platform.python_version()}; "
     "single-device step = HBM roofline at 3.44 TB/s (H200, measured copy bandwidth); links: datasheet figures "
     "(bench/mesh.py docstring). Mixed mode: all K backbones replicated and read once per step; round-robin "
-    "placement; uniform top-k routing, rows spread evenly over tenants; KV per device for `context` positions "
-    "per row.",
+    "placement; uniform top-k routing, rows spread evenly over tenants; KV per device: its data shard's rows, "
+    "`context` positions each.",
     "",
     table(rows),
   ]
