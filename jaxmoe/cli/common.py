@@ -140,6 +140,7 @@ def engine_config(store):
     pinned_tenants=tuple(f.pinned_tenants),
     mesh=f.mesh,
     placement=f.placement,
+    split_backbones=f.split_backbones,
     overlap=f.overlap,
   )
 

@@ -14,6 +14,13 @@ flags.DEFINE_string(
   "sharded by slot over 'expert', the batch over 'data'. Empty: one device.",
 )
 flags.DEFINE_enum("placement", "round_robin", list(POLICIES), "On a mesh: which expert shard holds each pool slot.")
+flags.DEFINE_bool(
+  "split_backbones",
+  False,
+  "On a mesh: split attention (by head) and the LM head (by vocabulary) over the expert and model axes, "
+  "instead of a whole copy of every backbone per device (implied by a model axis). Equal to one device up "
+  "to float rounding (matmul kernels sum differently at other widths), not bit for bit.",
+)
 flags.DEFINE_string(
   "coordinator_address", None, "Several hosts: host:port of process 0's coordinator ($JAXMOE_COORDINATOR)."
 )
@@ -26,8 +33,3 @@ def start_distributed() -> bool:
   from jaxmoe.serving import distributed
 
   return distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-
-
-def engine_fields() -> dict:
-  """The EngineConfig fields these flags set."""
-  return {"mesh": FLAGS.mesh, "placement": FLAGS.placement}

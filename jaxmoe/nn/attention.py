@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmoe.axes import Bool, Float, checked
+from jaxmoe.nn import sharding
 
 F32 = jnp.float32
 
@@ -73,3 +74,14 @@ def biased_attention(
   scores = jnp.where(mask[:, None], scores, jnp.finfo(F32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
   return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+
+
+def output_projection(ops, out, w):
+  """Every head's output [B, T, N, H] through the output projection w [N, H, D] (`ops.linear`).
+
+  On a mesh that splits heads (jaxmoe/nn/sharding.py) the heads are gathered
+  first and w is split over its output features, so no sum is divided between
+  devices; the result is gathered too: the same numbers as on one device.
+  """
+  out = sharding.constrain(out, "batch")
+  return sharding.constrain(ops.linear("BTNH,NHD->BTD", out, w), "batch")

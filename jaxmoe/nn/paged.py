@@ -83,12 +83,13 @@ def init(num_layers: int, pages_per_layer: int, page_size: int, heads: int, head
   return PagedKV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), pages_per_layer)
 
 
-def over_data(kv: PagedKV, mesh, shards: int) -> PagedKV:
-  """An empty cache shaped like `kv` (one shard), `shards` times over, its pages split over `mesh`'s data axis."""
-  target = sharding.named(mesh, None, "pages")
+def placed(kv: PagedKV, mesh, shards: int, by_head: bool = False) -> PagedKV:
+  """An empty cache shaped like `kv` (one shard's pages), `shards` times over, on `mesh`: the pages split
+  over its data axis and, `by_head`, the heads over the axes that split k and v (jaxmoe/nn/sharding.py)."""
 
   def zeros(x):
     shape = (x.shape[0], shards * x.shape[1], *x.shape[2:])
+    target = sharding.fitting(mesh, shape, "heads" if by_head else None, "pages" if shards > 1 else None)
     return jax.jit(lambda: jnp.zeros(shape, x.dtype), out_shardings=target)()
 
   return PagedKV(zeros(kv.k), zeros(kv.v), kv.pages_per_layer, shards)
@@ -125,7 +126,13 @@ def _shard_tables(tables, pages_per_layer: int):
 def _over_shards(body, kv: PagedKV, out_specs, *args):
   """body(k, v, *args) per data shard: k, v their shard's block of pages, every other argument whole."""
   pages = P(None, DATA_AXIS)
-  run = jax.shard_map(body, in_specs=(pages, pages, *(P() for _ in args)), out_specs=out_specs, check_vma=False)
+  run = jax.shard_map(
+    body,
+    in_specs=(pages, pages, *(P() for _ in args)),
+    out_specs=out_specs,
+    axis_names={DATA_AXIS},  # manual over `data` only: heads split over other axes stay the partitioner's
+    check_vma=False,
+  )
   return run(kv.k, kv.v, *args)
 
 

@@ -6,16 +6,29 @@ deployment runs on (`"data:2,expert:4"`) decides which of them are split:
 
   batch    rows of a batch, and the tokens T flattened from them  -> data
   pool     expert-pool slots X (the pool is sharded by slot)      -> expert
-  heads    attention heads N / M                                  -> model
-  vocab    the LM head's output features V                        -> model
+  heads    attention heads N / M (q, k, v and the KV pages)      -> expert x model
+  out      the attention output projection's output features D   -> expert x model
+  vocab    the LM head's output features V                        -> expert x model
   pages    KV-cache pages (jaxmoe/nn/paged.py: a block per shard)  -> data
   others   embed D, mlp F, layers L, tenants A, experts E          -> replicated
 
-A logical axis whose mesh axis is absent from the mesh (or has size 1) is
-replicated, so one table serves every mesh, a single device included. The
-`model` axis is declared for meshes that split attention and the LM head; the
-serving engine keeps backbones replicated (they are small next to the pool)
-and uses `data` and `expert` only.
+A logical axis whose mesh axes are absent from the mesh (or have size 1), or
+do not divide the dim, is replicated, so one table serves every mesh, a
+single device included.
+
+Backbones, where the engine splits them (jaxmoe/serving/mesh.py), are split
+over every device that splits the pool and over `model` devices too (which
+hold the same pool shard): a device reads 1 / n of every tenant's attention
+and LM head, where replicated backbones are each read whole by every device
+(in mixed mode K of them per step). `PARAM_AXES` names the logical axes of
+each backbone leaf (by its name, shared by the families). No contraction is
+divided between devices: q, k and v are split by head and attention runs per
+head; the attention output is gathered whole before the output projection,
+which is split over its output features; its result and the logits are
+gathered at the layer's boundary (`constrain`). Every element is thus the
+same sum of the same products as on one device, but a matmul kernel of
+another output width may add them in another order (XLA's CPU kernels do):
+equal to float rounding, not bit for bit.
 
 Meshes use `AxisType.Auto`: XLA's partitioner propagates shardings from the
 placed inputs and from the constraints at layer boundaries (the MoE boundary's
@@ -35,17 +48,26 @@ from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "expert", "model")
 
-RULES: dict[str, str | None] = {
+RULES: dict[str, str | tuple[str, ...] | None] = {
   "batch": "data",
   "pool": "expert",
-  "heads": "model",
-  "vocab": "model",
+  "heads": ("expert", "model"),
+  "out": ("expert", "model"),
+  "vocab": ("expert", "model"),
   "embed": None,
   "mlp": None,
   "layers": None,
   "tenants": None,
   "experts": None,
   "pages": "data",
+}
+
+# Logical axes of a backbone leaf's trailing dims, by the leaf's name (leading dims, layers L and
+# tenants A, are replicated); a leaf not named here is replicated.
+PARAM_AXES: dict[str, tuple[str | None, ...]] = {
+  **{name: ("embed", "heads", None) for name in ("q", "k", "v", "cq", "ck", "cv")},  # [D, N, H]
+  **{name: (None, None, "out") for name in ("o", "co")},  # [N, H, D]
+  "lm_head": ("embed", "vocab"),  # [D, V]
 }
 
 
@@ -95,14 +117,20 @@ def make_mesh(spec: str | Sequence[tuple[str, int]] | None, devices: Sequence | 
   return Mesh(np.asarray(all_devices[:need]).reshape(shape), names, axis_types=types)
 
 
-def mesh_axis(logical: str | None, mesh) -> str | None:
-  """The mesh axis a logical axis maps to on `mesh`, or None (replicated)."""
+def mesh_axis(logical: str | None, mesh) -> str | tuple[str, ...] | None:
+  """The mesh axis (or axes) a logical axis maps to on `mesh`, or None (replicated)."""
   if logical is None:
     return None
   if logical not in RULES:
     raise KeyError(f"unknown logical axis {logical!r}; known: {list(RULES)}")
-  axis = RULES[logical]
-  return axis if axis is not None and mesh.shape.get(axis, 1) > 1 else None
+  rule = RULES[logical]
+  axes = tuple(a for a in ((rule,) if isinstance(rule, str) else rule or ()) if mesh.shape.get(a, 1) > 1)
+  return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def axes_size(mesh, axes: str | tuple[str, ...] | None) -> int:
+  """Devices a dim mapped to `axes` is split over."""
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
 
 
 def spec(mesh, *logical: str | None) -> P:
@@ -118,13 +146,26 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def fitting(mesh, shape: tuple[int, ...], *logical: str | None) -> NamedSharding:
-  """`named`, but a dim that its mesh axis does not divide is replicated (a batch of 1 on data:2)."""
+def _fitting_spec(mesh, shape: tuple[int, ...], logical: tuple) -> P:
   axes = []
   for dim, name in zip(shape, logical + (None,) * (len(shape) - len(logical))):
     axis = mesh_axis(name, mesh)
-    axes.append(axis if axis is not None and dim % mesh.shape[axis] == 0 else None)
-  return NamedSharding(mesh, P(*axes))
+    while isinstance(axis, tuple) and dim % axes_size(mesh, axis):  # the longest leading axes that divide
+      axis = axis[:-1] if len(axis) > 2 else axis[0]
+    axes.append(axis if axis is not None and dim % axes_size(mesh, axis) == 0 else None)
+  return P(*axes)
+
+
+def fitting(mesh, shape: tuple[int, ...], *logical: str | None) -> NamedSharding:
+  """`named`, but a dim split over the longest leading part of its mesh axes that divides it, or else
+  replicated (a batch of 1 on data:2; 2 KV heads on expert:2,model:2 are split over expert only)."""
+  return NamedSharding(mesh, _fitting_spec(mesh, shape, logical))
+
+
+def param(mesh, name: str, shape: tuple[int, ...]) -> NamedSharding:
+  """Where a backbone leaf called `name` lives: its trailing dims by PARAM_AXES, where they divide."""
+  trailing = PARAM_AXES.get(name, ())
+  return fitting(mesh, shape, *(None,) * (len(shape) - len(trailing)), *trailing)
 
 
 def context_mesh():
@@ -144,8 +185,4 @@ def constrain(x, *logical: str | None):
   mesh = context_mesh()
   if mesh is None:
     return x
-  axes = []
-  for dim, name in zip(x.shape, logical + (None,) * (x.ndim - len(logical))):
-    axis = mesh_axis(name, mesh)
-    axes.append(axis if axis is not None and dim % mesh.shape[axis] == 0 else None)
-  return jax.lax.with_sharding_constraint(x, P(*axes))
+  return jax.lax.with_sharding_constraint(x, _fitting_spec(mesh, x.shape, logical))

@@ -22,6 +22,7 @@ class EngineConfig:
   history: int = 10_000  # recent requests the summary's percentiles cover (memory stays bounded)
   mesh: str = ""  # 'data:2,expert:4' (jaxmoe/serving/mesh.py); '': one device, no mesh
   placement: str = "round_robin"  # on a mesh: which expert shard holds each pool slot (serving/placement.py)
+  split_backbones: bool = False  # on a mesh: attention and the LM head split over expert x model (serving/mesh.py)
   overlap: bool = True  # dispatch decode step n+1 before reading step n (one device, no expert cache only)
 
 

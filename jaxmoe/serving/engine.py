@@ -83,7 +83,7 @@ class Engine:
   ):
     self.config, self.cfg, self.clock, self.on_token = config, store.config, clock, on_token
     config_lib.check_config(config, self.cfg)
-    self.mesh = mesh_lib.EngineMesh.create(config.mesh, config.placement)  # None: one device
+    self.mesh = mesh_lib.EngineMesh.create(config.mesh, config.placement, config.split_backbones)  # None: one device
     self.family = mesh_lib.hooks(registry.of(self.cfg).engine, self.mesh)
     self.tokenizer = tokenizer if tokenizer is not None else getattr(store, "tokenizer", None)
     slots, need = offload.cache_budget(config, store)

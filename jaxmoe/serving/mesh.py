@@ -6,11 +6,19 @@ the logical axes of jaxmoe/nn/sharding.py:
               slots (jaxmoe/serving/placement.py); each process builds only
               the shards of its own devices, reading only their slots
   slot maps   renumbered to the placed pool, replicated
-  backbones   replicated (swap mode stages them in host memory as before)
+  backbones   replicated (bit for bit the one-device engine's outputs); or,
+              with `split_backbones` (implied by a `model` axis), attention
+              (q, k, v by head, o by output feature) and the LM head (by
+              vocabulary) split over the expert and model axes, the rest
+              replicated (jaxmoe/nn/sharding.py: PARAM_AXES): each device
+              reads 1 / n of them, and results equal one device's up to the
+              rounding of projections computed at other widths (CPU and GPU
+              matmul kernels pick their summation by shape); swap mode stages
+              them in host memory as before
   batch rows  tokens, block tables, lengths, sampling settings and tenant
               ids over `data` where the axis divides the batch, else
               replicated (an admission of one)
-  KV pages    over `data`: one block of pages per data shard (jaxmoe/nn/
+  KV pages    by head where backbones are split, and over `data`: one block of pages per data shard (jaxmoe/nn/
               paged.py), which the rows of that shard (max_batch / data
               consecutive rows) take their pages from (the engine's
               allocator); each device holds its shard's block, and paged
@@ -37,8 +45,9 @@ from jaxmoe.serving import placement as placement_lib
 class EngineMesh:
   """Shardings of the engine's arrays on one mesh (see module docstring)."""
 
-  def __init__(self, mesh: jax.sharding.Mesh, policy: str = "round_robin"):
+  def __init__(self, mesh: jax.sharding.Mesh, policy: str = "round_robin", split_backbones: bool = False):
     self.mesh, self.policy = mesh, policy
+    self.split_backbones = split_backbones or mesh.shape.get("model", 1) > 1
     self.expert_shards = mesh.shape.get("expert", 1)
     self.data_shards = mesh.shape.get("data", 1)
     self.placement: placement_lib.Placement | None = None
@@ -47,11 +56,11 @@ class EngineMesh:
     self._gather = jax.jit(lambda x: x, out_shardings=self._replicated)
 
   @classmethod
-  def create(cls, spec: str | None, policy: str = "round_robin") -> EngineMesh | None:
+  def create(cls, spec: str | None, policy: str = "round_robin", split_backbones: bool = False) -> EngineMesh | None:
     """The mesh of a `--mesh` spec ('data:2,expert:4'), or None for '' (one device, no mesh)."""
     if not sharding.parse_mesh(spec):
       return None
-    return cls(sharding.make_mesh(spec), policy)
+    return cls(sharding.make_mesh(spec), policy, split_backbones)
 
   # Weights.
   def pool(self, pool: dict, slot_maps: dict) -> dict:
@@ -80,11 +89,19 @@ class EngineMesh:
   def replicate(self, tree):
     return jax.tree.map(lambda x: self._put(x, self._replicated), tree)
 
+  def backbone(self, tree):
+    """A backbone (or K stacked): replicated, or leaf by leaf with attention and the LM head split."""
+    if not self.split_backbones:
+      return self.replicate(tree)
+
+    def place(path, x):
+      return self._put(x, sharding.param(self.mesh, path[-1].key, np.shape(x)))
+
+    return jax.tree_util.tree_map_with_path(place, tree)
+
   def kv(self, kv):
-    """An empty cache of one shard's pages -> that, once per data shard, split over `data`."""
-    if self.data_shards == 1:
-      return self.replicate(kv)
-    return paged.over_data(kv, self.mesh, self.data_shards)
+    """An empty cache of one shard's pages -> that, once per data shard, split over `data` and by head."""
+    return paged.placed(kv, self.mesh, self.data_shards, by_head=self.split_backbones)
 
   # Each step's rows.
   def batch(self, tree):

@@ -52,7 +52,7 @@ class TenantWeights:
   def __init__(self, store, cache_slots: int | None = None, mesh=None):
     self.tenants = list(store.tenants)
     self.index = {name: i for i, name in enumerate(self.tenants)}
-    self.mesh = mesh  # jaxmoe.serving.mesh.EngineMesh: the pool sharded by slot, maps renumbered, rest replicated
+    self.mesh = mesh  # jaxmoe.serving.mesh.EngineMesh: the pool sharded by slot, maps renumbered, backbones split
     lazy = getattr(store, "host_pool", None)  # a store read lazily off disk (io/store.py)
     self.lazy_pool = lazy
     total = lazy.num_slots if lazy is not None else moe.num_slots(store.pool)
@@ -78,7 +78,7 @@ class TenantWeights:
     return to_device(slot_map) if self.mesh is None else self.mesh.slot_map(slot_map)
 
   def _backbone(self, tree):
-    return to_device(tree) if self.mesh is None else self.mesh.replicate(tree)
+    return to_device(tree) if self.mesh is None else self.mesh.backbone(tree)
 
   def params(self, tenant: str) -> dict:
     """Single-tenant params for `tenant`, switching to it first if needed."""

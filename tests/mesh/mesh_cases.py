@@ -164,7 +164,7 @@ def test_a_store_read_from_its_files_is_placed_slot_by_slot(store, tmp_path):
   engine.close()
 
 
-def _serve_paged(store, mesh, pages_per_device):
+def _serve_paged(store, mesh, pages_per_device, mode=Mode.MIXED):
   """Rows of very different lengths over 4-position pages, so few pages per device that admissions wait for
   them; greedy and seeded sampling, every tenant, mixed mode."""
   rng = np.random.default_rng(3)
@@ -181,9 +181,7 @@ def _serve_paged(store, mesh, pages_per_device):
   probe = Engine(store, EngineConfig(max_batch=4, max_seq_len=32, page_size=4))
   gb = pages_per_device * probe.page_bytes / 1e9
   probe.close()
-  engine = Engine(
-    store, EngineConfig(mode=Mode.MIXED, max_batch=4, max_seq_len=32, page_size=4, kv_cache_gb=gb, mesh=mesh)
-  )
+  engine = Engine(store, EngineConfig(mode=mode, max_batch=4, max_seq_len=32, page_size=4, kv_cache_gb=gb, mesh=mesh))
   for r in reqs:
     engine.submit(r)
   waited = False
@@ -210,3 +208,62 @@ def test_kv_pages_over_data_equal_one_device_and_split_the_cache(store, switch_s
   assert len(per_device) == 2 and set(per_device.values()) == {total // 2}, per_device
   assert engine.pages.shards == 2 and engine.stats()["kv_pages"] == 2 * 8
   engine.close()
+
+
+@pytest.fixture(scope="module")
+def even_store():
+  """A tiny Mixtral whose vocabulary (260) splits over 4 devices, so the LM head is split too."""
+  import dataclasses
+
+  return synthetic_store(dataclasses.replace(config.preset("tiny"), vocab_size=260), k=3, seed=2, own_fraction=0.5)
+
+
+@pytest.mark.parametrize(
+  "mode,mesh", [(Mode.MIXED, "expert:2,model:2"), (Mode.SWAP, "expert:2,model:2"), (Mode.MIXED, "data:2,model:2")]
+)
+def test_backbones_split_over_expert_and_model_equal_one_device(even_store, mode, mesh):
+  """Attention (q, k, v by head, o by output feature), the LM head (by vocabulary) and the KV pages (by
+  head) split over the devices of the expert and model axes: each holds its share, and the tokens are the
+  single-device engine's, with sampling and rows waiting for pages (data:2)."""
+  want, _, _ = _serve_paged(even_store, "", 9 if mesh.startswith("data") else 17)
+  got, engine, _ = _serve_paged(even_store, mesh, 9 if mesh.startswith("data") else 17, mode)
+  assert got == want, mesh
+  split = 2 if mesh.startswith("data") else 4  # over model:2, or over expert:2 x model:2
+  backbone = engine.weights.stacked["backbone"] if mode is Mode.MIXED else engine.weights.device_backbone
+  kv_split = 2  # M = 2 key/value heads: over model:2, or over expert:2 only (4 does not divide them)
+  for name, ways in (("q", split), ("k", kv_split), ("v", kv_split), ("o", split), ("lm_head", split)):
+    leaf = backbone[name] if name == "lm_head" else backbone["layers"][name]
+    assert {s.data.nbytes for s in leaf.addressable_shards} == {leaf.nbytes // ways}, name
+  for pool in (engine.kv.k, engine.kv.v):  # by head, and by page over data
+    shares = {s.data.nbytes for s in pool.addressable_shards}
+    assert shares == {pool.nbytes // (kv_split * (2 if mesh.startswith("data") else 1))}, shares
+  engine.close()
+
+
+@pytest.mark.parametrize("mesh", ["expert:4", "expert:2,model:2", "expert:4,model:2"])
+def test_forward_logits_on_a_mesh(even_store, mesh):
+  """Backbones replicated (expert:4): the single-device logits bit for bit. Split (a model axis): to float
+  rounding only, since no sum is divided between devices (a projection at another width may add its
+  products in another order)."""
+  from jaxmoe.families.mixtral import model
+  from jaxmoe.serving.mesh import EngineMesh
+
+  s, tenant = even_store, even_store.tenants[1]
+  tokens = np.random.default_rng(4).integers(0, 256, (4, 12)).astype(np.int32)
+  one = {"backbone": s.backbones[tenant], "experts": moe_lib.pack(s.pool), "slot_map": s.slot_maps[tenant]}
+  want = np.asarray(model.forward(jax.device_put(one), tokens, s.config, moe_lib.Impl.ROUTED))
+  m = EngineMesh(sharding.make_mesh(mesh))
+  params = {
+    "backbone": m.backbone(s.backbones[tenant]),
+    "experts": m.pool(moe_lib.pack(s.pool), s.slot_maps),
+    "slot_map": m.slot_map(np.asarray(s.slot_maps[tenant], np.int32)),
+  }
+  q = params["backbone"]["layers"]["q"]
+  split = 1 if "model" not in mesh else 4  # N = 4 heads: one per device, or over expert:4 x model:2 4 of 8
+  assert {x.data.nbytes for x in q.addressable_shards} == {q.nbytes // split}
+  with m.context():
+    got = np.asarray(m.gather(model.forward(params, m.batch(tokens), s.config, moe_lib.Impl.ROUTED)))
+  if split == 1:
+    assert np.array_equal(got, want), max_abs(got, want)
+  else:
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5, err_msg=max_abs(got, want))

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 from jaxmoe.axes import ArrayLike, Int, checked
 from jaxmoe.families.mixtral.config import MixtralConfig
 from jaxmoe.families.mixtral.layout import global_shapes, layer_shapes
-from jaxmoe.nn import paged
-from jaxmoe.nn.attention import causal_mask, gqa_attention
+from jaxmoe.nn import paged, sharding
+from jaxmoe.nn.attention import causal_mask, gqa_attention, output_projection
 from jaxmoe.nn.moe import Impl, MoeSpec, Router, moe
 from jaxmoe.nn.norms import rms_norm
 from jaxmoe.nn.rotary import apply_rope, rope_tables
@@ -81,9 +81,11 @@ def context(positions, tables, pool, ops, cfg: MixtralConfig, decode: bool) -> C
 
 
 def attend_pages(q, kv: paged.PagedKV, layer, ctx: Context, cfg: MixtralConfig):
-  """Queries [B, T, M, G, H] over the rows' pages: jax's Pallas kernel on GPUs (one query, no window)."""
+  """Queries [B, T, M, G, H] over the rows' pages: jax's Pallas kernel on GPUs (one query, no window; not
+  yet on a mesh that splits heads, where the partitioner runs the reference per head shard)."""
   scale = cfg.head_dim**-0.5
-  if jax.default_backend() == "gpu" and q.shape[1] == 1 and cfg.sliding_window is None:
+  heads_split = sharding.axis_size("expert") * sharding.axis_size("model") > 1
+  if jax.default_backend() == "gpu" and q.shape[1] == 1 and cfg.sliding_window is None and not heads_split:
     fn = lambda kv, layer, tables, q, pos: paged.attention_pallas(q, kv, layer, tables, pos[:, 0] + 1, scale)  # noqa: E731
   else:
     fn = lambda kv, layer, tables, q, pos: paged.attention_reference(  # noqa: E731
@@ -132,7 +134,7 @@ class DecoderLayer(nn.Module):
       out = attend_pages(q, kv, layer, ctx, cfg)
     else:
       out = gqa_attention(q, k, v, ctx.mask, cfg.head_dim**-0.5)
-    x = x + ops.linear("BTNH,NHD->BTD", out.reshape(b, t, cfg.num_heads, cfg.head_dim), p["o"])
+    x = x + output_projection(ops, out.reshape(b, t, cfg.num_heads, cfg.head_dim), p["o"])
     h = rms_norm(x, ops.vector(p["mlp_norm"]), cfg.rms_norm_eps)
     return x, kv, h, ops.linear("BTD,DE->BTE", h, p["router"])
 
@@ -196,7 +198,7 @@ class Mixtral(nn.Module):
     x = rms_norm(x, ops.vector(self.g["norm"]), self.cfg.rms_norm_eps)
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
-    return ops.linear("BTD,DV->BTV", x, self.g["lm_head"]).astype(F32)
+    return sharding.constrain(ops.linear("BTD,DV->BTV", x, self.g["lm_head"]).astype(F32), "batch")
 
 
 def _apply(params, tokens, positions, kv, tables, cfg, impl, ops, logits_at=None, capture=False, decode=False):

@@ -37,8 +37,8 @@ import numpy as np
 from jaxmoe.axes import ArrayLike, Int, checked
 from jaxmoe.families.switch import layout
 from jaxmoe.families.switch.config import Routing, SwitchConfig
-from jaxmoe.nn import paged
-from jaxmoe.nn.attention import biased_attention
+from jaxmoe.nn import paged, sharding
+from jaxmoe.nn.attention import biased_attention, output_projection
 from jaxmoe.nn.moe import Impl, MoeSpec, Router, moe
 from jaxmoe.nn.norms import rms_norm
 from jaxmoe.nn.tenancy import SingleTenant
@@ -193,7 +193,7 @@ class Block(nn.Module):
       out = paged.per_row(_attend_pages, kv, layer, ctx.tables, q, ctx.bias, ctx.mask)
     else:
       out = biased_attention(q, k, v, ctx.bias, ctx.mask)
-    x = x + ops.linear("BTNH,NHD->BTD", out, p["o"])
+    x = x + output_projection(ops, out, p["o"])
     if self.stack == "decoder":
       x, kv = self.cross_attention(x, ctx, layer, kv, heads)
     h = rms_norm(x, ops.vector(p["mlp_norm"]), eps)
@@ -217,7 +217,7 @@ class Block(nn.Module):
       cross = paged.per_row(_attend_pages, kv, layer, ctx.cross_tables, cq, None, ctx.cross_mask)
     else:
       cross = biased_attention(cq, ck, cv, None, ctx.cross_mask)  # no position bias
-    return x + ctx.ops.linear("BTNH,NHD->BTD", cross, self.p["co"]), kv
+    return x + output_projection(ctx.ops, cross, self.p["co"]), kv
 
   def dense(self, h, ops):
     """A dense block's MLP on its normed input h [B, T, D]: relu(h wi) wo."""
@@ -374,8 +374,10 @@ class Switch(nn.Module):
     """Decoder output [B, T, D] -> float32 logits [B, T, V]."""
     if self.cfg.tie_word_embeddings:  # Mesh TensorFlow's rescale before the tied projection
       table = jnp.swapaxes(self.roots["embed"], -1, -2)
-      return ops.linear("BTD,DV->BTV", x * self.cfg.hidden_size**-0.5, table).astype(F32)
-    return ops.linear("BTD,DV->BTV", x, self.roots["lm_head"]).astype(F32)
+      logits = ops.linear("BTD,DV->BTV", x * self.cfg.hidden_size**-0.5, table)
+    else:
+      logits = ops.linear("BTD,DV->BTV", x, self.roots["lm_head"])
+    return sharding.constrain(logits.astype(F32), "batch")  # gathered (split by vocabulary on a mesh)
 
   def __call__(self, enc_tokens, enc_lengths, dec_tokens, pool, slot_map, ops):
     """The full pass (what `init` traces): the encoder, then the decoder over its own keys."""
