@@ -25,12 +25,15 @@ For each model shape and mesh, with K tenants consolidated into one pool
     so that column checks the mechanism, not the speed).
   - "ideal": the single-device roofline / n, the reference of issue 18's goal
     (8x22B, K = 4, 8 H200, batch 32: within 1.2x of it);
-  - two designs on paper only, on NVLink 4: `attention_split` (attention and
-    the LM head split over the devices too, so backbones are not read in
-    full by every device) and `F_split` (that, and every expert split over
-    its F dim instead of whole slots per device: no per-layer imbalance; the
-    all-reduce is the same, but the products' summation order changes, so it
-    is exact to float tolerance only).
+  - two more designs, on NVLink 4: `split_backbones` (the engine's
+    `--split_backbones`: attention and the LM head split over the devices
+    too, so backbones are not read in full by every device; plus the
+    all-gathers it adds, of the attention output and the output projection
+    per layer and of the logits, with their latency) and, on paper only,
+    `F_split` (that, and every expert split over its F dim instead of whole
+    slots per device: no per-layer imbalance; the all-reduce is the same, but
+    the products' summation order changes, so it is exact to float tolerance
+    only).
 
 Interconnect figures are vendor datasheet numbers per direction per device,
 not measured here: NVLink 4 450 GB/s (900 GB/s bidirectional, H100/H200
@@ -83,6 +86,17 @@ class Shape:
   @property
   def expert_bytes(self) -> int:
     return 3 * self.d * self.f * self.itemsize
+
+  @property
+  def split_bytes(self) -> int:
+    """Of one backbone: what --split_backbones splits (attention, the LM head)."""
+    attn = self.d * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+    return (self.layers * attn + self.vocab * self.d) * self.itemsize
+
+  def gather_bytes(self, tokens: int, n: int) -> float:
+    """Bytes one device receives per step in --split_backbones' all-gathers (ring)."""
+    per_layer = tokens * (self.heads * self.head_dim + self.d) * self.itemsize
+    return (n - 1) / n * (self.layers * per_layer + tokens * self.vocab * 4)
 
   @property
   def backbone_bytes(self) -> int:
@@ -192,9 +206,12 @@ def estimate(case, trials: int, measured_step_s: float | None = None) -> dict:
     t = compute + all_reduce / bw + (s.layers * lat if n_exp > 1 else 0.0)
     out[f"{link}_ms"] = 1e3 * t
     out[f"{link}_vs_ideal"] = t / (roofline / n)
-  # What splitting attention and the LM head over the devices too (a `model` axis) would give.
-  split = t1 * (slowest + (backbone_read + kv_read / n_data) / n_exp) / one_total
-  out["NVLink 4_ms_attention_split"] = 1e3 * (split + all_reduce / LINKS["NVLink 4"][0] + s.layers * 10e-6)
+  # --split_backbones: attention, the LM head and the KV pages split over the expert devices too.
+  split_read = k * s.split_bytes
+  split = t1 * (slowest + backbone_read - split_read + (split_read + kv_read / n_data) / n_exp) / one_total
+  gathers = s.gather_bytes(tokens, n_exp) / LINKS["NVLink 4"][0] + (2 * s.layers + 1) * 10e-6
+  out["NVLink 4_ms_split_backbones"] = 1e3 * (split + gathers + all_reduce / LINKS["NVLink 4"][0] + s.layers * 10e-6)
+  out["split_backbones_vs_ideal"] = out["NVLink 4_ms_split_backbones"] / out["ideal_ms"]
   # And every expert split over its F dim as well (each device 1/n of every expert: no slot granularity).
   even = t1 * (expert_read / n_exp + (backbone_read + kv_read / n_data) / n_exp) / one_total
   out["NVLink 4_ms_F_split"] = 1e3 * (even + all_reduce / LINKS["NVLink 4"][0] + s.layers * 10e-6)
@@ -292,7 +309,8 @@ def table(rows: list[dict]) -> str:
     ("PCIe 5_ms", "{:.2f}"),
     ("PCIe 5_vs_ideal", "{:.2f}"),
     ("ICI (v5p)_ms", "{:.2f}"),
-    ("NVLink 4_ms_attention_split", "{:.2f}"),
+    ("NVLink 4_ms_split_backbones", "{:.2f}"),
+    ("split_backbones_vs_ideal", "{:.2f}"),
     ("NVLink 4_ms_F_split", "{:.2f}"),
     ("F_split_vs_ideal", "{:.2f}"),
   ]
