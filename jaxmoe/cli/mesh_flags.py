@@ -11,7 +11,8 @@ flags.DEFINE_string(
   "mesh",
   "",
   "Devices as axis:size pairs, e.g. 'data:2,expert:4' (axes: data, expert, model): the expert pool is "
-  "sharded by slot over 'expert', the batch over 'data'. Empty: one device.",
+  "sharded by slot over 'expert' and by each expert's hidden features over 'model' (which also splits "
+  "attention and the LM head), the batch and the KV pages over 'data'. Empty: one device.",
 )
 flags.DEFINE_enum("placement", "round_robin", list(POLICIES), "On a mesh: which expert shard holds each pool slot.")
 flags.DEFINE_bool(

@@ -388,7 +388,7 @@ def moe(
   """
   impl = resolve(spec.impl, pool, spec)
   pool = {n: jnp.asarray(w) for n, w in pool.items()}  # numpy pools cannot be indexed by traced slots
-  if sharding.axis_size(EXPERT_AXIS) > 1:  # the pool split by slot over a mesh (below)
+  if sharding.axis_size(EXPERT_AXIS) > 1 or sharding.axis_size(MODEL_AXIS) > 1:  # the pool split over a mesh
     return moe_expert_parallel(x, router_logits, jnp.asarray(slot_map), pool, spec)
   if impl in (Impl.PALLAS, Impl.PALLAS_INTERPRET) and any(w.dtype == jnp.uint16 for w in pool.values()):
     pool = {n: jax.lax.bitcast_convert_type(w, x.dtype) if w.dtype == jnp.uint16 else w for n, w in pool.items()}
@@ -424,8 +424,21 @@ def moe(
 # elsewhere); the Pallas kernels route internally and cannot skip the pairs of
 # other shards, and ragged_dot is left for later, so both run `routed` per
 # shard.
+#
+# Expert features over `model`. A mesh's `model` axis splits every expert by
+# its hidden features F instead (w1, w3, wi by their last dim, w2, wo by their
+# first after the slot: `FEATURE_DIMS`), as tensor parallelism splits an MLP:
+# a device holds 1 / n of every slot it holds, computes every pair of those
+# slots over its F slice (silu and relu act per feature), and the same
+# all-reduce, over `model` too, adds the slices' partial products. No slot is
+# busier than another (the load is even whatever the routing), at the price
+# of exactness: the sum over F is split, so the output equals one device's to
+# float rounding, not bit for bit. Both axes together: slots over `expert`,
+# features over `model`.
 
 EXPERT_AXIS = "expert"
+MODEL_AXIS = "model"
+FEATURE_DIMS = {"w1": 2, "w3": 2, "wi": 2, "w2": 1, "wo": 1}  # the F dim of each pool leaf [X, ...]
 
 
 def _local_pairs(slots, weights, lo, num_local):
@@ -463,7 +476,9 @@ def moe_expert_parallel(x, router_logits, slot_map, pool, spec: MoeSpec):
   multiple of the expert axis' size (placement pads it).
   """
   mesh = sharding.context_mesh()
-  n = mesh.shape[EXPERT_AXIS]
+  slot_axis, feature_axis = sharding.mesh_axis("pool", mesh), sharding.mesh_axis("mlp", mesh)  # expert, model
+  n = sharding.axes_size(mesh, slot_axis)
+  reduce_axes = tuple(a for a in (slot_axis, feature_axis) if a is not None)
   x_slots = num_slots(pool)
   if x_slots % n:
     raise ValueError(f"the pool's {x_slots} slots do not split over expert:{n}; place it with jaxmoe.serving.placement")
@@ -479,13 +494,16 @@ def moe_expert_parallel(x, router_logits, slot_map, pool, spec: MoeSpec):
     weights, experts = routing(router_logits, spec)
     slots = expert_slots(experts, slot_map)
     num_local = num_slots(pool)
-    local, weights = _local_pairs(slots, weights, jax.lax.axis_index(EXPERT_AXIS) * num_local, num_local)
+    if slot_axis is not None:
+      local, weights = _local_pairs(slots, weights, jax.lax.axis_index(slot_axis) * num_local, num_local)
+    else:
+      local = slots
     acc = terms(x, local, weights, pool, spec, router_logits.shape[-1])
     if k <= 2:  # two nonzero float32 terms per token at most: their sum does not depend on the order
-      return jax.lax.psum(_sum_k(acc), EXPERT_AXIS).astype(x.dtype)
-    return _sum_k(jax.lax.psum(acc, EXPERT_AXIS)).astype(x.dtype)
+      return jax.lax.psum(_sum_k(acc), reduce_axes).astype(x.dtype)
+    return _sum_k(jax.lax.psum(acc, reduce_axes)).astype(x.dtype)
 
-  pool_specs = {name: P(EXPERT_AXIS) for name in pool}
+  pool_specs = {name: pool_spec(name, slot_axis, feature_axis) for name in pool}
   run = jax.shard_map(
     shard,
     in_specs=(P(tokens), P(tokens), P(tokens) if per_row else P(), pool_specs),
@@ -493,6 +511,14 @@ def moe_expert_parallel(x, router_logits, slot_map, pool, spec: MoeSpec):
     check_vma=False,
   )
   return run(x, router_logits, slot_map, pool)
+
+
+def pool_spec(name: str, slot_axis: str | None, feature_axis: str | None) -> P:
+  """How a pool leaf [X, ...] is split: slots over `slot_axis`, its F dim over `feature_axis`."""
+  dims = [slot_axis, None, None]
+  if feature_axis is not None:
+    dims[FEATURE_DIMS[name]] = feature_axis
+  return P(*dims)
 
 
 def all_reduce_bytes(tokens: int, d_model: int, n: int) -> float:

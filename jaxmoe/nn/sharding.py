@@ -6,11 +6,12 @@ deployment runs on (`"data:2,expert:4"`) decides which of them are split:
 
   batch    rows of a batch, and the tokens T flattened from them  -> data
   pool     expert-pool slots X (the pool is sharded by slot)      -> expert
+  mlp      an expert's hidden features F (jaxmoe/nn/moe.py)        -> model
   heads    attention heads N / M (q, k, v and the KV pages)      -> expert x model
   out      the attention output projection's output features D   -> expert x model
   vocab    the LM head's output features V                        -> expert x model
   pages    KV-cache pages (jaxmoe/nn/paged.py: a block per shard)  -> data
-  others   embed D, mlp F, layers L, tenants A, experts E          -> replicated
+  others   embed D, layers L, tenants A, experts E                 -> replicated
 
 A logical axis whose mesh axes are absent from the mesh (or have size 1), or
 do not divide the dim, is replicated, so one table serves every mesh, a
@@ -55,7 +56,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
   "out": ("expert", "model"),
   "vocab": ("expert", "model"),
   "embed": None,
-  "mlp": None,
+  "mlp": "model",
   "layers": None,
   "tenants": None,
   "experts": None,

@@ -3,8 +3,10 @@
 `EngineMesh` is the only place the serving path decides shardings, through
 the logical axes of jaxmoe/nn/sharding.py:
   pool        sharded by slot over `expert`, after a placement renumbers the
-              slots (jaxmoe/serving/placement.py); each process builds only
-              the shards of its own devices, reading only their slots
+              slots (jaxmoe/serving/placement.py), and each slot by its
+              hidden features over `model` (jaxmoe/nn/moe.py); each process
+              builds only the shards of its own devices, reading only their
+              slots
   slot maps   renumbered to the placed pool, replicated
   backbones   replicated (bit for bit the one-device engine's outputs); or,
               with `split_backbones` (implied by a `model` axis), attention
@@ -37,8 +39,9 @@ import contextlib
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
 
-from jaxmoe.nn import paged, sharding
+from jaxmoe.nn import moe, paged, sharding
 from jaxmoe.serving import placement as placement_lib
 
 
@@ -68,9 +71,10 @@ class EngineMesh:
     num_slots = next(iter(pool.values())).shape[0]
     self.placement = placement_lib.make(self.policy, num_slots, self.expert_shards, slot_maps)
     out = {}
+    slot_axis, feature_axis = sharding.mesh_axis("pool", self.mesh), sharding.mesh_axis("mlp", self.mesh)
     for name, leaf in pool.items():
       shape = (len(self.placement.order), *leaf.shape[1:])
-      target = sharding.named(self.mesh, "pool")
+      target = NamedSharding(self.mesh, moe.pool_spec(name, slot_axis, feature_axis))
 
       def shard(index, leaf=leaf, shape=shape):
         rows = index[0]

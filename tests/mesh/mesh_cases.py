@@ -13,6 +13,7 @@ import functools
 import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 
 from jaxmoe.families.mixtral import config
 from jaxmoe.families.switch.config import preset as switch_preset
@@ -76,6 +77,38 @@ def test_expert_parallel_moe_equals_one_device(moe_inputs, spec, impl):
       np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=f"{spec} {name} {max_abs(got, want)}")
 
 
+@pytest.mark.parametrize(
+  "spec,impl",
+  [
+    ("model:4", moe_lib.Impl.ROUTED),
+    ("expert:2,model:2", moe_lib.Impl.ROUTED),
+    ("data:2,expert:2,model:2", moe_lib.Impl.ROUTED),
+    ("expert:2,model:2", moe_lib.Impl.DENSE),
+  ],
+)
+def test_experts_split_by_feature_over_model_equal_one_device(moe_inputs, spec, impl):
+  """A model axis splits every expert by F (and an expert axis by slot): each device holds 1 / n of the pool,
+  and the output equals one device's to float rounding (the sum over F is split)."""
+  pool, tokens, logits, maps = moe_inputs
+  fn = _moe_fn(impl)
+  mesh = sharding.make_mesh(spec)
+  n_exp = mesh.shape.get("expert", 1)
+  p = placement.round_robin(next(iter(pool.values())).shape[0], n_exp)
+  slot_axis, feature_axis = sharding.mesh_axis("pool", mesh), sharding.mesh_axis("mlp", mesh)
+  placed = {
+    n: jax.device_put(p.rows(w, 0, len(p.order)), NamedSharding(mesh, moe_lib.pool_spec(n, slot_axis, feature_axis)))
+    for n, w in pool.items()
+  }
+  devices = n_exp * mesh.shape["model"]
+  for n, w in placed.items():
+    assert {s.data.nbytes for s in w.addressable_shards} == {w.nbytes // devices}, n
+  for name, slot_map in maps.items():
+    want = np.asarray(fn(tokens, logits, slot_map, pool))
+    with jax.set_mesh(mesh):
+      got = np.asarray(fn(tokens, logits, p.remap(slot_map), placed))
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6, err_msg=f"{spec} {name} {max_abs(got, want)}")
+
+
 @pytest.fixture(scope="module")
 def store():
   return synthetic_store(config.preset("tiny"), k=3, seed=1, own_fraction=0.5, noise=0.05)
@@ -134,10 +167,12 @@ def test_engine_on_mesh_equals_one_device_token_for_token(store, one_device, mod
   engine.close()
 
 
-def test_switch_engine_on_mesh_equals_one_device(switch_store):
-  """The encoder-decoder family through the same MoE boundary: 24 slots, 3 per device."""
+@pytest.mark.parametrize("mesh", ["data:2,expert:4", "expert:2,model:2"])
+def test_switch_engine_on_mesh_equals_one_device(switch_store, mesh):
+  """The encoder-decoder family through the same MoE boundary: 24 slots, 3 per device (expert:4), or 12 per
+  device, each by half its features, with attention and cross-attention split by head (expert:2,model:2)."""
   want = _serve(switch_store, Mode.MIXED, "")[0]
-  got, engine = _serve(switch_store, Mode.MIXED, "data:2,expert:4")
+  got, engine = _serve(switch_store, Mode.MIXED, mesh)
   assert got == want
   pool_bytes = sum(w.nbytes for w in switch_store.pool.values())
   assert set(engine.mesh.bytes_per_device(engine.weights.pool).values()) == {pool_bytes // 4}
@@ -237,6 +272,8 @@ def test_backbones_split_over_expert_and_model_equal_one_device(even_store, mode
   for pool in (engine.kv.k, engine.kv.v):  # by head, and by page over data
     shares = {s.data.nbytes for s in pool.addressable_shards}
     assert shares == {pool.nbytes // (kv_split * (2 if mesh.startswith("data") else 1))}, shares
+  pool_bytes = sum(w.nbytes for w in even_store.pool.values())  # 16 slots by slot over expert, by F over model
+  assert set(engine.mesh.bytes_per_device(engine.weights.pool).values()) == {pool_bytes // split}
   engine.close()
 
 
