@@ -5,35 +5,37 @@
 For each model shape and mesh, with K tenants consolidated into one pool
 (`own_fraction` of (layer, expert) positions distinct per tenant, as
 `synthetic_store` builds them), the table gives:
-  - bytes each device holds: its pool shard (round-robin placement), the
-    replicated backbones (mode mixed: all K), the KV pages of its data
-    shard's rows (the batch / n_data);
+  - bytes each device holds: its pool shard (slots over `expert` by
+    round-robin placement, each slot's hidden features F over `model`), the
+    backbones (mode mixed: all K; replicated, or with a model axis split as
+    `--split_backbones` splits them: attention and the LM head over
+    expert x model), the KV pages of its data shard's rows (the batch /
+    n_data; by head too where backbones are split);
   - the bytes one device sends per decode step in the MoE all-reduce
-    (jaxmoe/nn/moe.py: T x D float32 per layer, ring) and, for
-    comparison, what an all-to-all dispatch + return of the (token, k) pairs
-    would send;
+    (jaxmoe/nn/moe.py: T x D float32 per layer, ring, over expert x model)
+    and, for comparison, what an all-to-all dispatch + return of the
+    (token, k) pairs over `expert` would send;
   - the estimated decode step on NVLink 4, PCIe 5 and ICI: the single-device
     step time split by bytes read into its expert and non-expert parts; the
-    expert part divided over the shards, the slowest shard of every layer
-    counted (Monte-Carlo over uniform top-k routing of the batch's rows over
-    their tenants' slot maps), the non-expert part unchanged (backbones are
-    replicated), plus the all-reduce's bytes over the link and a latency per
-    collective. The single-device step is the HBM roofline (bytes touched /
-    3.44 TB/s, the H200 copy bandwidth measured in this project) unless
-    measured: `--measure` times the engine's decode step of a small model on
-    this CPU, alone and on forced host devices (those share the CPU's cores,
-    so that column checks the mechanism, not the speed).
+    expert part divided over the shards, the slowest expert shard of every
+    layer counted (Monte-Carlo over uniform top-k routing of the batch's rows
+    over their tenants' slot maps) and divided by the model axis, the
+    non-expert part as held, plus the all-reduce's bytes over the link, the
+    all-gathers split backbones add (the heads' outputs and the output
+    projection per layer, the logits once) and a latency per collective. The
+    single-device step is the HBM roofline (bytes touched / 3.44 TB/s, the
+    H200 copy bandwidth measured in this project) unless measured:
+    `--measure` times the engine's decode step of a small model on this CPU,
+    alone and on forced host devices (those share the CPU's cores, so that
+    column checks the mechanism, not the speed).
   - "ideal": the single-device roofline / n, the reference of issue 18's goal
     (8x22B, K = 4, 8 H200, batch 32: within 1.2x of it);
-  - two more designs, on NVLink 4: `split_backbones` (the engine's
-    `--split_backbones`: attention and the LM head split over the devices
-    too, so backbones are not read in full by every device; plus the
-    all-gathers it adds, of the attention output and the output projection
-    per layer and of the logits, with their latency) and, on paper only,
-    `F_split` (that, and every expert split over its F dim instead of whole
-    slots per device: no per-layer imbalance; the all-reduce is the same, but
-    the products' summation order changes, so it is exact to float tolerance
-    only).
+  - `split_backbones`: the step on NVLink 4 with `--split_backbones` (on a
+    mesh with a model axis, the same as the NVLink 4 column).
+
+Splitting by features (a model axis) or by head makes outputs equal one
+device's to float rounding; slots over `expert` with replicated backbones
+are bit-identical (jaxmoe/nn/moe.py, jaxmoe/nn/sharding.py).
 
 Interconnect figures are vendor datasheet numbers per direction per device,
 not measured here: NVLink 4 450 GB/s (900 GB/s bidirectional, H100/H200
@@ -118,7 +120,10 @@ CASES = [  # (shape, K tenants, own fraction, batch, context positions per row, 
   ("mixtral-8x7b", 4, 0.5, 32, 1024, "data:2,expert:4"),
   ("mixtral-8x7b", 4, 0.5, 32, 1024, "expert:8"),
   ("mixtral-8x22b", 4, 0.5, 32, 1024, "expert:8"),
+  ("mixtral-8x22b", 4, 0.5, 32, 1024, "expert:4,model:2"),
+  ("mixtral-8x22b", 4, 0.5, 32, 1024, "model:8"),
   ("mixtral-8x22b", 4, 0.5, 8, 1024, "expert:8"),
+  ("mixtral-8x22b", 4, 0.5, 8, 1024, "model:8"),
   ("mixtral-8x22b", 4, 0.25, 32, 1024, "expert:8"),
 ]
 
@@ -154,7 +159,9 @@ def estimate(case, trials: int, measured_step_s: float | None = None) -> dict:
   name, k, own, batch, context, mesh = case
   s = SHAPES[name]
   sizes = dict(p.split(":") for p in mesh.split(","))
-  n_exp, n_data = int(sizes.get("expert", 1)), int(sizes.get("data", 1))
+  n_exp, n_model, n_data = (int(sizes.get(a, 1)) for a in ("expert", "model", "data"))
+  n_split = n_exp * n_model  # the devices one data shard's rows span
+  n = n_split * n_data
   rng = np.random.default_rng(0)
   maps, x = layer_maps(rng, s, k, own)
   per_shard = -(-x // n_exp)
@@ -165,24 +172,34 @@ def estimate(case, trials: int, measured_step_s: float | None = None) -> dict:
     one_bytes.append(sum(len(u) for u in layers) * s.expert_bytes)
     # data shards split the rows: each data group routes batch / n_data rows; the slowest device per layer
     slow = 0
-    for u in layers:
-      slow += np.bincount(device_of[u], minlength=n_exp).max() * s.expert_bytes
-    if n_data > 1:
-      slow = 0
-      for u in routed_slots(rng, maps, batch // n_data, s.top_k):
-        slow += np.bincount(device_of[u], minlength=n_exp).max() * s.expert_bytes
+    for u in layers if n_data == 1 else routed_slots(rng, maps, batch // n_data, s.top_k):
+      slow += np.bincount(device_of[u], minlength=n_exp).max() * s.expert_bytes / n_model  # F split over model
     slow_bytes.append(slow)
   expert_read, slowest = float(np.mean(one_bytes)), float(np.mean(slow_bytes))
   backbone_read = k * s.backbone_bytes  # mixed: every tenant's non-expert weights once per step
+  split_read = k * s.split_bytes  # of which attention and the LM head
   kv_read = s.kv_bytes(batch * context)
   one_total = expert_read + backbone_read + kv_read
   roofline = one_total / HBM_BYTES_PER_S
   t1 = measured_step_s if measured_step_s is not None else roofline
-  n = n_exp * n_data
-  mesh_bytes = slowest + backbone_read + kv_read / n_data  # backbones replicated; KV read for own rows
   tokens = batch // n_data
-  all_reduce = moe.all_reduce_bytes(tokens, s.d, n_exp) * s.layers
+  all_reduce = moe.all_reduce_bytes(tokens, s.d, n_split) * s.layers
   all_to_all = moe.all_to_all_bytes(tokens, s.d, s.top_k, n_exp, s.itemsize) * s.layers
+
+  def device_bytes(split: bool) -> tuple[float, float]:
+    """(backbone bytes, KV bytes) one device reads per step: replicated backbones, or split ones."""
+    if not split:
+      return backbone_read, kv_read / n_data
+    return backbone_read - split_read + split_read / n_split, kv_read / n_data / n_split
+
+  def step(split: bool, bw: float, lat: float) -> float:
+    backbone, kv = device_bytes(split)
+    t = t1 * (slowest + backbone + kv) / one_total + all_reduce / bw + (s.layers * lat if n_split > 1 else 0.0)
+    if split:  # the heads' outputs and the projection per layer, the logits once
+      t += s.gather_bytes(tokens, n_split) / bw + (2 * s.layers + 1) * lat
+    return t
+
+  split = n_model > 1  # a model axis implies --split_backbones
   out = {
     "model": name,
     "K": k,
@@ -192,30 +209,22 @@ def estimate(case, trials: int, measured_step_s: float | None = None) -> dict:
     "mesh": mesh,
     "pool_slots": int(x),
     "pool_GB": x * s.expert_bytes / 1e9,
-    "pool_per_device_GB": per_shard * s.expert_bytes / 1e9,
+    "pool_per_device_GB": per_shard * s.expert_bytes / n_model / 1e9,
     "pool_per_device_vs_ideal": per_shard / (x / n_exp),
-    "backbones_per_device_GB": backbone_read / 1e9,
-    "kv_per_device_GB": kv_read / n_data / 1e9,  # KV pages split over `data`
+    "backbones_per_device_GB": device_bytes(split)[0] / 1e9,
+    "kv_per_device_GB": device_bytes(split)[1] / 1e9,
     "all_reduce_MB_per_step": all_reduce / 1e6,
     "all_to_all_MB_per_step": all_to_all / 1e6,
     "single_device_step_ms": 1e3 * t1,
     "ideal_ms": 1e3 * roofline / n,
   }
-  compute = t1 * mesh_bytes / one_total
   for link, (bw, lat) in LINKS.items():
-    t = compute + all_reduce / bw + (s.layers * lat if n_exp > 1 else 0.0)
+    t = step(split, bw, lat)
     out[f"{link}_ms"] = 1e3 * t
     out[f"{link}_vs_ideal"] = t / (roofline / n)
-  # --split_backbones: attention, the LM head and the KV pages split over the expert devices too.
-  split_read = k * s.split_bytes
-  split = t1 * (slowest + backbone_read - split_read + (split_read + kv_read / n_data) / n_exp) / one_total
-  gathers = s.gather_bytes(tokens, n_exp) / LINKS["NVLink 4"][0] + (2 * s.layers + 1) * 10e-6
-  out["NVLink 4_ms_split_backbones"] = 1e3 * (split + gathers + all_reduce / LINKS["NVLink 4"][0] + s.layers * 10e-6)
+  # With --split_backbones on a mesh without a model axis (the same as above where there is one).
+  out["NVLink 4_ms_split_backbones"] = 1e3 * step(True, *LINKS["NVLink 4"])
   out["split_backbones_vs_ideal"] = out["NVLink 4_ms_split_backbones"] / out["ideal_ms"]
-  # And every expert split over its F dim as well (each device 1/n of every expert: no slot granularity).
-  even = t1 * (expert_read / n_exp + (backbone_read + kv_read / n_data) / n_exp) / one_total
-  out["NVLink 4_ms_F_split"] = 1e3 * (even + all_reduce / LINKS["NVLink 4"][0] + s.layers * 10e-6)
-  out["F_split_vs_ideal"] = out["NVLink 4_ms_F_split"] / out["ideal_ms"]
   return out
 
 
@@ -311,8 +320,6 @@ def table(rows: list[dict]) -> str:
     ("ICI (v5p)_ms", "{:.2f}"),
     ("NVLink 4_ms_split_backbones", "{:.2f}"),
     ("split_backbones_vs_ideal", "{:.2f}"),
-    ("NVLink 4_ms_F_split", "{:.2f}"),
-    ("F_split_vs_ideal", "{:.2f}"),
   ]
   lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
   for r in rows:
@@ -340,7 +347,7 @@ def main(argv):
     "",
     f"`python bench/mesh.py --out={FLAGS.out}` on {platform.machine()} / {platform.python_version()}; "
     "single-device step = HBM roofline at 3.44 TB/s (H200, measured copy bandwidth); links: datasheet figures "
-    "(bench/mesh.py docstring). Mixed mode: all K backbones replicated and read once per step; round-robin "
+    "(bench/mesh.py docstring). Mixed mode: all K backbones read once per step, replicated (split over expert x model where the mesh has a model axis); round-robin "
     "placement; uniform top-k routing, rows spread evenly over tenants; KV per device: its data shard's rows, "
     "`context` positions each.",
     "",
