@@ -46,6 +46,7 @@ latency per collective 10 / 25 / 10 us (assumed).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -267,11 +268,12 @@ def _measure(spec: str) -> dict:
   engine.run_until_done()  # compiles
   for r in reqs:
     engine.submit(r)
-  engine.step()  # admission (prefill) of all eight rows
+  outputs = engine.step()  # admission (prefill) of all eight rows
   start, steps = time.perf_counter(), engine.decode_steps
   while engine.has_work:
-    engine.step()
+    outputs += engine.step()
   step_s = (time.perf_counter() - start) / (engine.decode_steps - steps)
+  tokens = json.dumps(sorted((o["id"], o["token_ids"]) for o in outputs))
   pool = sum(w.nbytes for w in store.pool.values())
   held = engine.mesh.bytes_per_device(engine.weights.pool) if engine.mesh is not None else {0: pool}
   return {
@@ -280,12 +282,13 @@ def _measure(spec: str) -> dict:
     "decode_step_ms": 1e3 * step_s,
     "pool_bytes": pool,
     "pool_bytes_per_device": sorted(set(held.values())),
+    "tokens_sha256": hashlib.sha256(tokens.encode()).hexdigest()[:16],
   }
 
 
 def measure_cpu() -> list[dict]:
   out = []
-  for spec in ("", "expert:4", "data:2,expert:4"):
+  for spec in ("", "expert:4", "data:2,expert:4", "model:4", "expert:4,model:2"):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parents[1])
     proc = subprocess.run(
@@ -358,11 +361,13 @@ def main(argv):
       "",
       "## Measured on this CPU (forced host devices share its cores: a check of the mechanism, not of speed)",
       "",
-      "| mesh | devices | decode step ms | pool bytes | pool bytes per device |",
-      "|---|---|---|---|---|",
+      "| mesh | devices | decode step ms | pool bytes | pool bytes per device | tokens (sha256) | = one device |",
+      "|---|---|---|---|---|---|---|",
     ]
+    first = measured[0].get("tokens_sha256")
     text += [
-      f"| {m['mesh']} | {m['devices']} | {m['decode_step_ms']:.2f} | {m['pool_bytes']} | {m['pool_bytes_per_device']} |"
+      f"| {m['mesh']} | {m['devices']} | {m['decode_step_ms']:.2f} | {m['pool_bytes']} | {m['pool_bytes_per_device']}"
+      f" | {m.get('tokens_sha256', '-')} | {'-' if first is None else m.get('tokens_sha256') == first} |"
       for m in measured
     ]
   (out / "table.md").write_text("\n".join(text) + "\n")
