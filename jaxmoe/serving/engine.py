@@ -86,11 +86,13 @@ class Engine:
     self.mesh = mesh_lib.EngineMesh.create(config.mesh, config.placement, config.split_backbones)  # None: one device
     self.family = mesh_lib.hooks(registry.of(self.cfg).engine, self.mesh)
     self.tokenizer = tokenizer if tokenizer is not None else getattr(store, "tokenizer", None)
-    slots, need = offload.cache_budget(config, store)
+    slots, need = offload.cache_budget(config, store, self.mesh)
     self.weights = make_weights(config.mode, store, slots, self.mesh)
-    if self.weights.cache is not None and config.pinned_tenants:  # without a cache every expert stays anyway
+    if self.weights.cache is not None:  # without a cache every expert stays anyway
       try:
-        offload.pin(self.weights.cache, store, config.pinned_tenants, need)
+        offload.check_shards(self.weights.cache, store, need, config.expert_cache_gb)
+        if config.pinned_tenants:
+          offload.pin(self.weights.cache, store, config.pinned_tenants, need)
       except ValueError:
         self.weights.close()
         raise

@@ -27,6 +27,14 @@ Eviction keeps hot experts: each slot's score is a use count that decays with
 every later use of the cache (LRFU: frequency-aware LRU). The victims are the
 lowest-scored slots that the current layer does not need and that are not
 pinned (`pin`: a tenant's experts that must stay resident).
+
+On a mesh (jaxmoe/serving/mesh.py: `EngineMesh.cache`) the cache is split
+like the pool: each of the S expert shards holds C cache slots (positions
+d * C ... (d + 1) * C - 1 of the buffers [S * C, ...], sharded over `expert`,
+and by features over `model`), and a pool slot is cached only in the block of
+the shard the placement gave it. Eviction, pinning and prefetching choose
+victims within that block. The expert-parallel MoE then reads the buffers as
+a pool of S * C slots through `cache_of`, unchanged.
 """
 
 from __future__ import annotations
@@ -100,20 +108,32 @@ class CacheStats:
 
 
 class ExpertCache:
-  """C pool slots on the device, the rest on the host (module docstring)."""
+  """C pool slots on the device (per expert shard on a mesh), the rest on the host (module docstring)."""
 
-  def __init__(self, host, capacity: int):
+  def __init__(self, host, capacity: int, mesh=None):
+    """`capacity` cache slots per device; `mesh` an EngineMesh whose placement the pool slots follow."""
     if capacity < 1:
       raise ValueError(f"an expert cache needs at least one slot, got {capacity}")
-    self.host, self.capacity = host, int(capacity)
+    self.host, self.mesh = host, mesh
+    self.shards = 1 if mesh is None else mesh.expert_shards
+    self.per_shard = int(capacity)
+    self.capacity = self.shards * self.per_shard  # every shard's slots
+    if mesh is None:
+      num_slots, self._source = host.num_slots, None
+      self.shard_of = np.zeros(num_slots, np.int64)
+    else:  # pool slots in placed numbering; `order` maps them back to the host tier's
+      self._source = np.asarray(mesh.placement.order, np.int64)
+      num_slots = len(self._source)
+      self.shard_of = np.arange(num_slots) // mesh.placement.shard_slots
     packed = moe.pack({n: np.zeros((1, *s), host.dtypes[n]) for n, s in host.shapes.items()})
-    self.buffers = to_device({n: jnp.zeros((self.capacity, *w.shape[1:]), w.dtype) for n, w in packed.items()})
-    self.cache_of = np.full(host.num_slots, -1, np.int32)
+    zeros = {n: jnp.zeros((self.capacity, *w.shape[1:]), w.dtype) for n, w in packed.items()}
+    self.buffers = to_device(zeros) if mesh is None else mesh.cache_buffers(zeros)
+    self.cache_of = np.full(num_slots, -1, np.int32)
     self.slot_in = np.full(self.capacity, -1, np.int64)
-    self._score = np.zeros(host.num_slots)
-    self._last = np.zeros(host.num_slots, np.int64)
+    self._score = np.zeros(num_slots)
+    self._last = np.zeros(num_slots, np.int64)
     self._clock = 0
-    self._pinned = np.zeros(host.num_slots, bool)
+    self._pinned = np.zeros(num_slots, bool)
     self._dirty = True
     self._device_map = None
     self._last_routed: dict[int, np.ndarray] = {}  # layer -> slots it routed to last time
@@ -124,8 +144,18 @@ class ExpertCache:
   def device_map(self):
     """cache_of on the device: pool slot -> cache slot (-1: not resident)."""
     if self._dirty:
-      self._device_map, self._dirty = to_device(self.cache_of.copy()), False
+      m = self.cache_of.copy()
+      self._device_map, self._dirty = (to_device(m) if self.mesh is None else self.mesh.replicate(m)), False
     return self._device_map
+
+  def _shard_positions(self, shard: int) -> slice:
+    return slice(shard * self.per_shard, (shard + 1) * self.per_shard)
+
+  def min_unpinned(self) -> int:
+    """The fewest cache slots any shard has left once its pinned experts are in."""
+    pinned = self.slot_in >= 0
+    pinned[pinned] = self._pinned[self.slot_in[pinned]]
+    return int(min(self.per_shard - pinned[self._shard_positions(d)].sum() for d in range(self.shards)))
 
   @property
   def pinned_count(self) -> int:
@@ -134,18 +164,29 @@ class ExpertCache:
   def pin(self, slots) -> None:
     """Makes `slots` resident and keeps them so (a tenant's experts that must not be evicted)."""
     slots = np.unique(np.asarray(slots, np.int64))
-    if int(self._pinned.sum()) + len(np.setdiff1d(slots, np.flatnonzero(self._pinned))) > self.capacity:
-      raise ValueError(f"cannot pin {len(slots)} experts in a cache of {self.capacity}")
+    pinned = self._pinned.copy()
+    pinned[slots] = True
+    per_shard = np.bincount(self.shard_of[pinned], minlength=self.shards)
+    if per_shard.max() > self.per_shard:
+      where = f" on one expert shard ({self.per_shard} per shard)" if self.shards > 1 else ""
+      raise ValueError(f"cannot pin {len(slots)} experts in a cache of {self.capacity}{where}")
     self._pinned[slots] = True
     self._load(slots[self.cache_of[slots] < 0], protect=slots)
 
   def fill(self, slots) -> None:
     """Loads `slots` into empty cache slots (as many as are empty), before serving: not counted as misses."""
-    empty = np.flatnonzero(self.slot_in < 0)
-    slots = np.asarray([s for s in np.asarray(slots, np.int64) if self.cache_of[s] < 0][: len(empty)], np.int64)
-    empty = empty[: len(slots)]
-    for start in range(0, len(slots), 64):  # bounded write programs and staging copies
-      self._install(slots[start : start + 64], empty[start : start + 64])
+    empty = [
+      list(np.flatnonzero(self.slot_in[self._shard_positions(d)] < 0) + d * self.per_shard) for d in range(self.shards)
+    ]
+    chosen, where = [], []
+    for s in np.asarray(slots, np.int64):
+      free = empty[self.shard_of[s]]
+      if self.cache_of[s] < 0 and free and (self._source is None or self._source[s] >= 0):
+        chosen.append(s)
+        where.append(free.pop(0))
+    chosen, where = np.asarray(chosen, np.int64), np.asarray(where, np.int64)
+    for start in range(0, len(chosen), 64):  # bounded write programs and staging copies
+      self._install(chosen[start : start + 64], where[start : start + 64])
 
   def ensure(self, slots, layer: int | None = None) -> None:
     """Makes every pool slot in `slots` (any shape, host or device) resident; copies only the misses."""
@@ -173,53 +214,68 @@ class ExpertCache:
       return
     decay = DECAY ** (self._clock - self._last[guess])
     guess = guess[np.argsort(-(self._score[guess] * decay), kind="stable")]  # hottest first
-    victims, scores = self._ranked(self._protect)
-    take = min(len(guess), len(victims))
-    hot = self._score[guess[:take]] * DECAY ** (self._clock - self._last[guess[:take]])
-    take = int(np.sum(scores[:take] < hot))  # both sorted: stop where the victim is as hot as the guess
-    if take == 0:
-      return
     start = time.perf_counter()
-    self._install(guess[:take], victims[:take])
-    self.stats.prefetched += take
-    self.stats.prefetch_bytes += take * self.host.expert_bytes
+    for d in range(self.shards):
+      mine = guess[self.shard_of[guess] == d]
+      victims, scores = self._ranked(self._protect, d)
+      take = min(len(mine), len(victims))
+      hot = self._score[mine[:take]] * DECAY ** (self._clock - self._last[mine[:take]])
+      take = int(np.sum(scores[:take] < hot))  # both sorted: stop where the victim is as hot as the guess
+      if take == 0:
+        continue
+      self._install(mine[:take], victims[:take])
+      self.stats.prefetched += take
+      self.stats.prefetch_bytes += take * self.host.expert_bytes
     self.stats.seconds += time.perf_counter() - start
 
   def _load(self, missing: np.ndarray, protect: np.ndarray) -> None:
     if len(missing) == 0:
       return
-    if len(missing) > self.capacity:
-      raise ValueError(f"a layer needs {len(missing)} experts resident at once; the cache holds {self.capacity}")
     start = time.perf_counter()
-    victims, _ = self._ranked(protect)
-    if len(victims) < len(missing):
-      raise ValueError(f"a layer needs {len(missing)} more experts but only {len(victims)} cache slots can be evicted")
-    self._install(missing, victims[: len(missing)])
+    where = " on one expert shard" if self.shards > 1 else ""
+    for d in range(self.shards):
+      mine = missing[self.shard_of[missing] == d]
+      if len(mine) == 0:
+        continue
+      if len(mine) > self.per_shard:
+        raise ValueError(
+          f"a layer needs {len(mine)} experts resident at once{where}; the cache holds {self.per_shard}{where}"
+        )
+      victims, _ = self._ranked(protect, d)
+      if len(victims) < len(mine):
+        raise ValueError(
+          f"a layer needs {len(mine)} more experts{where} but only {len(victims)} cache slots can be evicted"
+        )
+      self._install(mine, victims[: len(mine)])
     self.stats.misses += len(missing)
     self.stats.bytes += len(missing) * self.host.expert_bytes
     self.stats.seconds += time.perf_counter() - start
 
-  def _ranked(self, protect: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Evictable cache slots, coldest first (empty ones before any), and their decayed scores."""
+  def _ranked(self, protect: np.ndarray, shard: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Evictable cache slots of `shard`'s block, coldest first (empty ones before any), and their scores."""
     held = self.slot_in
     score = np.full(self.capacity, -1.0)  # empty slots go first
     used = held >= 0
     score[used] = self._score[held[used]] * DECAY ** (self._clock - self._last[held[used]])
     keep = np.zeros(self.capacity, bool)
     keep[used] = self._pinned[held[used]] | np.isin(held[used], protect)
+    keep[np.arange(self.capacity) // self.per_shard != shard] = True  # other shards' blocks
     order = np.argsort(score, kind="stable")
     order = order[~keep[order]]
     return order, score[order]
 
   def _install(self, slots: np.ndarray, victims: np.ndarray) -> None:
     """Pool slots `slots` into cache slots `victims` (one donated write), and the maps updated."""
-    experts = self.host.read(slots)
+    experts = self.host.read(slots if self._source is None else self._source[slots])
     m = len(victims)
     width = buckets.pow2(m)  # few compiled write programs: pad by repeating the last copy
     idx = np.concatenate([victims, np.repeat(victims[-1:], width - m)]).astype(np.int32)
     padded = {n: list(parts) + [parts[-1]] * (width - m) for n, parts in experts.items()}
-    on_device = jax.device_put(padded, jax.devices()[0])  # one dispatch for every copy
-    self.buffers = _write(self.buffers, jnp.asarray(idx), on_device)
+    if self.mesh is None:
+      on_device = jax.device_put(padded, jax.devices()[0])  # one dispatch for every copy
+      self.buffers = _write(self.buffers, jnp.asarray(idx), on_device)
+    else:
+      self.buffers = self.mesh.cache_write(self.buffers, idx, padded)
     old = self.slot_in[victims]
     self.cache_of[old[old >= 0]] = -1
     self.slot_in[victims] = slots
@@ -228,7 +284,12 @@ class ExpertCache:
 
   def occupancy(self, slot_maps: dict[str, np.ndarray]) -> dict[str, float]:
     """Per tenant: the share of its L * E experts resident now."""
-    return {t: float((self.cache_of[np.asarray(m).reshape(-1)] >= 0).mean()) for t, m in slot_maps.items()}
+    return {t: float((self.cache_of[self.placed(m)] >= 0).mean()) for t, m in slot_maps.items()}
+
+  def placed(self, slot_map) -> np.ndarray:
+    """A store slot map (host slots) in this cache's slot numbering (the placement's, on a mesh)."""
+    flat = np.asarray(slot_map).reshape(-1)
+    return flat if self.mesh is None else self.mesh.placement.position[flat]
 
   def reset_routing(self) -> None:
     self._last_routed.clear()

@@ -38,8 +38,10 @@ from __future__ import annotations
 import contextlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxmoe.nn import moe, paged, sharding
 from jaxmoe.serving import placement as placement_lib
@@ -57,6 +59,7 @@ class EngineMesh:
     self._replicated = sharding.replicated(mesh)
     self._devices = set(mesh.devices.flat)
     self._gather = jax.jit(lambda x: x, out_shardings=self._replicated)
+    self._writers: dict = {}  # leaf names -> the expert cache's compiled write
 
   @classmethod
   def create(cls, spec: str | None, policy: str = "round_robin", split_backbones: bool = False) -> EngineMesh | None:
@@ -66,15 +69,22 @@ class EngineMesh:
     return cls(sharding.make_mesh(spec), policy, split_backbones)
 
   # Weights.
+  def place(self, num_slots: int, slot_maps: dict) -> placement_lib.Placement:
+    """Decides which expert shard holds each of the pool's slots (the pool or the expert cache follows)."""
+    self.placement = placement_lib.make(self.policy, num_slots, self.expert_shards, slot_maps)
+    return self.placement
+
+  def _pool_sharding(self, name: str, stacked: bool = True) -> NamedSharding:
+    slot_axis, feature_axis = sharding.mesh_axis("pool", self.mesh), sharding.mesh_axis("mlp", self.mesh)
+    return NamedSharding(self.mesh, moe.pool_spec(name, slot_axis if stacked else None, feature_axis))
+
   def pool(self, pool: dict, slot_maps: dict) -> dict:
     """The pool placed over `expert` (host leaves [X, ...] in, sharded [n * Xl, ...] out)."""
-    num_slots = next(iter(pool.values())).shape[0]
-    self.placement = placement_lib.make(self.policy, num_slots, self.expert_shards, slot_maps)
+    self.place(next(iter(pool.values())).shape[0], slot_maps)
     out = {}
-    slot_axis, feature_axis = sharding.mesh_axis("pool", self.mesh), sharding.mesh_axis("mlp", self.mesh)
     for name, leaf in pool.items():
       shape = (len(self.placement.order), *leaf.shape[1:])
-      target = NamedSharding(self.mesh, moe.pool_spec(name, slot_axis, feature_axis))
+      target = self._pool_sharding(name)
 
       def shard(index, leaf=leaf, shape=shape):
         rows = index[0]
@@ -83,6 +93,36 @@ class EngineMesh:
 
       out[name] = jax.make_array_from_callback(shape, target, shard)
     return out
+
+  def cache_buffers(self, zeros: dict) -> dict:
+    """An expert cache's empty buffers [S * C, ...], split like the pool (C per expert shard)."""
+    return {n: jax.jit(lambda z: z, out_shardings=self._pool_sharding(n))(z) for n, z in zeros.items()}
+
+  def cache_write(self, buffers: dict, positions, experts: dict) -> dict:
+    """Experts (per leaf, a list of [...] host arrays) into cache positions [m] of the donated buffers:
+    each expert shard writes only those in its own block, each device only its features."""
+    stacked = {n: np.stack([np.asarray(p) for p in parts]) for n, parts in experts.items()}
+    staged = {n: self._put(w, self._pool_sharding(n, stacked=False)) for n, w in stacked.items()}
+    names = tuple(buffers)
+    if names not in self._writers:
+      self._writers[names] = self._cache_writer(names)
+    return self._writers[names](buffers, self.replicate(np.asarray(positions, np.int32)), staged)
+
+  def _cache_writer(self, names: tuple[str, ...]):
+    slot_axis = sharding.mesh_axis("pool", self.mesh)
+    pool_specs = {n: self._pool_sharding(n).spec for n in names}
+    part_specs = {n: self._pool_sharding(n, stacked=False).spec for n in names}
+
+    def body(buffers, positions, experts):
+      held = next(iter(buffers.values())).shape[0]
+      lo = 0 if slot_axis is None else jax.lax.axis_index(slot_axis) * held
+      local = jnp.where((positions >= lo) & (positions < lo + held), positions - lo, held)  # others: dropped
+      return {n: buffers[n].at[local].set(experts[n], mode="drop") for n in buffers}
+
+    run = jax.shard_map(
+      body, mesh=self.mesh, in_specs=(pool_specs, P(), part_specs), out_specs=pool_specs, check_vma=False
+    )
+    return jax.jit(run, donate_argnums=0)
 
   def slot_map(self, slot_map) -> jax.Array:
     """A slot map in the store's slots -> renumbered to the placed pool, replicated."""
@@ -164,27 +204,26 @@ class MeshHooks:
     return getattr(self.family, name)
 
   def admit(self, params, tokens, kv, rows, cfg, impl, ops, cache=None):
-    assert cache is None  # the engine refuses an expert cache on a mesh (serving/weights.py)
-    return self.run("admit", params, tokens, kv, rows, cfg, impl, ops)
+    return self.run("admit", params, tokens, kv, rows, cfg, impl, ops, cache)
 
   def decode(self, params, tokens, kv, rows, cfg, impl, ops, cache=None):
-    assert cache is None
-    return self.run("decode", params, tokens, kv, rows, cfg, impl, ops)
+    return self.run("decode", params, tokens, kv, rows, cfg, impl, ops, cache)
 
-  def run(self, op: str, params, tokens, kv, rows, cfg, impl, ops):
+  def run(self, op: str, params, tokens, kv, rows, cfg, impl, ops, cache=None):
     if self.observer is None:
-      return self._run(op, params, tokens, kv, rows, cfg, impl, ops)
+      return self._run(op, params, tokens, kv, rows, cfg, impl, ops, cache)
+    assert cache is None  # the engine refuses an expert cache on several hosts (serving/weights.py)
     with self.observer.lock:  # the broadcast and the step's collectives, in the same order everywhere
       self.observer(op, tokens, rows, ops)
       out, kv, rows = self._run(op, params, tokens, kv, rows, cfg, impl, ops)
       self.observer.returned(op, rows)
       return out, kv, rows
 
-  def _run(self, op: str, params, tokens, kv, rows, cfg, impl, ops):
+  def _run(self, op: str, params, tokens, kv, rows, cfg, impl, ops, cache=None):
     m = self.mesh
     tokens, rows, ops = m.batch(tokens), m.batch(rows), m.batch(ops)
-    with m.context():
-      out, kv, rows = getattr(self.family, op)(params, tokens, kv, rows, cfg, impl, ops)
+    with m.context():  # with a cache, the family's stepped programs (jaxmoe/serving/experts.py)
+      out, kv, rows = getattr(self.family, op)(params, tokens, kv, rows, cfg, impl, ops, cache=cache)
     return m.gather(out), kv, rows
 
 

@@ -58,10 +58,13 @@ class TenantWeights:
     total = lazy.num_slots if lazy is not None else moe.num_slots(store.pool)
     self.cache = None
     if cache_slots is not None and cache_slots < total:  # the pool stays on the host; the device caches experts
-      if mesh is not None:
-        raise ValueError("an expert cache smaller than the pool is not supported on a mesh yet")
-      self.pool, self.cache = None, ExpertCache(lazy if lazy is not None else ArrayPool(store.pool), cache_slots)
-      self.cache.fill(by_popularity(store.slot_maps.values()))  # start full: the experts most tenants share
+      if mesh is not None and jax.process_count() > 1:
+        raise ValueError("an expert cache smaller than the pool is not supported on several hosts yet")
+      if mesh is not None:  # each expert shard caches the slots placed on it
+        mesh.place(total, store.slot_maps)
+      host = lazy if lazy is not None else ArrayPool(store.pool)
+      self.pool, self.cache = None, ExpertCache(host, cache_slots, mesh)
+      self.cache.fill(self.cache.placed(by_popularity(store.slot_maps.values())))  # the experts most tenants share
     elif mesh is None:
       self.pool = to_device(moe.pack(store.pool))
     else:  # a store read lazily is read slot by slot: each process reads only its own devices' slots

@@ -199,7 +199,7 @@ def test_a_store_read_from_its_files_is_placed_slot_by_slot(store, tmp_path):
   engine.close()
 
 
-def _serve_paged(store, mesh, pages_per_device, mode=Mode.MIXED):
+def _serve_paged(store, mesh, pages_per_device, mode=Mode.MIXED, **config):
   """Rows of very different lengths over 4-position pages, so few pages per device that admissions wait for
   them; greedy and seeded sampling, every tenant, mixed mode."""
   rng = np.random.default_rng(3)
@@ -216,7 +216,9 @@ def _serve_paged(store, mesh, pages_per_device, mode=Mode.MIXED):
   probe = Engine(store, EngineConfig(max_batch=4, max_seq_len=32, page_size=4))
   gb = pages_per_device * probe.page_bytes / 1e9
   probe.close()
-  engine = Engine(store, EngineConfig(mode=mode, max_batch=4, max_seq_len=32, page_size=4, kv_cache_gb=gb, mesh=mesh))
+  engine = Engine(
+    store, EngineConfig(mode=mode, max_batch=4, max_seq_len=32, page_size=4, kv_cache_gb=gb, mesh=mesh, **config)
+  )
   for r in reqs:
     engine.submit(r)
   waited = False
@@ -304,3 +306,30 @@ def test_forward_logits_on_a_mesh(even_store, mesh):
     assert np.array_equal(got, want), max_abs(got, want)
   else:
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5, err_msg=max_abs(got, want))
+
+
+@pytest.mark.parametrize("mesh", ["expert:2", "data:2,expert:2,model:2"])
+def test_expert_cache_on_a_mesh_equals_one_device(store, mesh):
+  """An expert cache smaller than the pool, split like it: each expert shard caches the slots placed on it
+  (5 per device, of 8 per shard), copies in misses and evicts within its block, and the tokens equal the
+  single-device engine's (every expert on the device)."""
+  want, _, _ = _serve_paged(store, "", 17)
+  expert = sum(w[0].nbytes for w in store.pool.values())
+  model = 2 if "model" in mesh else 1
+  gb = 5 * expert / model / 1e9  # per device: 5 experts (of halves, on model:2: 5 slots' features)
+  got, engine, _ = _serve_paged(store, mesh, 9 if mesh.startswith("data") else 17, expert_cache_gb=gb)
+  assert got == want, mesh
+  cache = engine.weights.cache
+  assert cache.shards == 2 and cache.per_shard == 5 and engine.weights.pool is None
+  for name, buf in cache.buffers.items():
+    assert {s.data.nbytes for s in buf.addressable_shards} == {5 * buf[0].nbytes // model}, name
+  stats = engine.stats()
+  assert stats["expert_cache_misses"] > 0 and stats["expert_cache_hits"] > 0, stats
+  engine.close()
+
+
+def test_expert_cache_on_a_mesh_refuses_a_block_below_a_layers_need(store):
+  """Each shard's block must hold one layer's worst case on that shard (4 of a layer's 8 slots)."""
+  expert = sum(w[0].nbytes for w in store.pool.values())
+  with pytest.raises(ValueError, match="on one expert shard"):
+    Engine(store, EngineConfig(mode=Mode.MIXED, max_batch=4, mesh="expert:2", expert_cache_gb=3 * expert / 1e9))
