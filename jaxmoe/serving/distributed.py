@@ -22,6 +22,12 @@ broadcast compiles a handful of programs. A decode step that continues from
 the previous one sends no rows: followers keep the rows their own last step
 returned, as process 0 does.
 
+With an expert cache smaller than the pool (jaxmoe/serving/experts.py) every
+process keeps the same cache bookkeeping: each layer's routed slots are
+gathered from every process (a collective at the same point of the same
+step), so all make the same misses, evictions and prefetches in the same
+order, and each writes only its own devices' blocks.
+
 `initialize` starts `jax.distributed` from flags or the environment
 (`JAXMOE_COORDINATOR`, `JAXMOE_NUM_PROCESSES`, `JAXMOE_PROCESS_ID`); with none
 of them it is a no-op (one process). A device step that fails on one process
@@ -200,7 +206,7 @@ def follow(engine) -> int:
       params, ops = weights.params(weights.tenants[int(plan["tenant"])]), SingleTenant()
     given = rows if "reuse_rows" in plan else _rows(plan)
     out, engine.kv, new_rows = hooks.run(
-      op, params, plan["tokens"], engine.kv, given, engine.cfg, engine.config.impl, ops
+      op, params, plan["tokens"], engine.kv, given, engine.cfg, engine.config.impl, ops, weights.cache
     )
     if op == "decode":
       rows = new_rows

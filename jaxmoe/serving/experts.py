@@ -91,6 +91,16 @@ def min_slots(slot_maps, num_experts: int, rows: int, tenants: int) -> int:
   return int(min(num_experts * max(1, min(rows, tenants)), distinct))
 
 
+def _host(x) -> np.ndarray:
+  """A routing result on the host: on several processes gathered from all of them (every process calls this
+  at the same point of the same step, so the collective lines up) and identical everywhere."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 @functools.partial(jax.jit, donate_argnames=("buffers",))
 def _write(buffers: dict, cache_slots, experts: dict):
   """n experts per leaf (a list of [...] arrays) into cache slots [n] of the donated buffers."""
@@ -190,7 +200,7 @@ class ExpertCache:
 
   def ensure(self, slots, layer: int | None = None) -> None:
     """Makes every pool slot in `slots` (any shape, host or device) resident; copies only the misses."""
-    needed = np.unique(np.asarray(slots).reshape(-1)).astype(np.int64)
+    needed = np.unique(_host(slots).reshape(-1)).astype(np.int64)
     self._clock += 1
     decay = DECAY ** (self._clock - self._last[needed])
     self._score[needed] = self._score[needed] * decay + 1.0

@@ -212,10 +212,9 @@ class MeshHooks:
   def run(self, op: str, params, tokens, kv, rows, cfg, impl, ops, cache=None):
     if self.observer is None:
       return self._run(op, params, tokens, kv, rows, cfg, impl, ops, cache)
-    assert cache is None  # the engine refuses an expert cache on several hosts (serving/weights.py)
     with self.observer.lock:  # the broadcast and the step's collectives, in the same order everywhere
       self.observer(op, tokens, rows, ops)
-      out, kv, rows = self._run(op, params, tokens, kv, rows, cfg, impl, ops)
+      out, kv, rows = self._run(op, params, tokens, kv, rows, cfg, impl, ops, cache)
       self.observer.returned(op, rows)
       return out, kv, rows
 

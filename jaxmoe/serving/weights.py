@@ -58,8 +58,6 @@ class TenantWeights:
     total = lazy.num_slots if lazy is not None else moe.num_slots(store.pool)
     self.cache = None
     if cache_slots is not None and cache_slots < total:  # the pool stays on the host; the device caches experts
-      if mesh is not None and jax.process_count() > 1:
-        raise ValueError("an expert cache smaller than the pool is not supported on several hosts yet")
       if mesh is not None:  # each expert shard caches the slots placed on it
         mesh.place(total, store.slot_maps)
       host = lazy if lazy is not None else ArrayPool(store.pool)

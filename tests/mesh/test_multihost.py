@@ -88,11 +88,18 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_over_loopback_equal_one_device(served):
+# 7 experts cached per device (of the 8 slots each expert shard holds), 14 in all: misses and evictions;
+# 98,304 bytes per float32 expert of the tiny config.
+CACHE = "--expert_cache_gb=0.000688128"
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["pool", "expert cache"])
+def test_two_processes_over_loopback_equal_one_device(served, cache):
   if not _has_cpu_collectives():
     pytest.skip("this jax has no CPU collectives (jax_cpu_collectives_implementation)")
   root = served
   dist = ["--mesh=expert:2,data:2", f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2"]
+  dist += [CACHE] if cache else []
   follower = subprocess.Popen(
     _serve_args(root, None, *dist, "--process_id=1"),
     env=cpu_devices_env(2),
@@ -122,6 +129,10 @@ def test_two_processes_over_loopback_equal_one_device(served):
   got, want = _tokens(root / "mesh.jsonl"), _tokens(root / "one.jsonl")
   assert all(err is None for _, err in want.values()) and len(want) == 6
   assert got == want
+  if cache:  # the pool stays on the hosts: each process's cache copied experts in as they were routed
+    m = re.search(r"expert cache (\d+) of (\d+) experts: (\d+) hits, (\d+) misses", leader.stdout + leader.stderr)
+    assert m and int(m[1]) == 14 < int(m[2]) and int(m[4]) > 0, (leader.stdout + leader.stderr)[-2000:]
+    return
   # Each process read from the store only the slots its own devices hold.
   reads = [_slots_read(leader.stdout), _slots_read(follower_out.decode(errors="replace"))]
   assert all(read == held < total for read, total, held in reads), reads
