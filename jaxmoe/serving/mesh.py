@@ -20,17 +20,22 @@ the logical axes of jaxmoe/nn/sharding.py:
   batch rows  tokens, block tables, lengths, sampling settings and tenant
               ids over `data` where the axis divides the batch, else
               replicated (an admission of one)
-  KV pages    by head where backbones are split, and over `data`: one block of pages per data shard (jaxmoe/nn/
+  KV pages    over `data`: one block of pages per data shard (jaxmoe/nn/
               paged.py), which the rows of that shard (max_batch / data
               consecutive rows) take their pages from (the engine's
               allocator); each device holds its shard's block, and paged
-              reads and writes run per shard
+              reads and writes run per shard; by head too where backbones
+              are split
+  expert      with an expert cache smaller than the pool: C cache slots per
+  cache       device, split like the pool (jaxmoe/serving/experts.py), and
+              written per shard (`cache_write`)
 
 `MeshHooks` wraps a family's engine hooks (`admit`, `decode`): it places the
-step's inputs, runs the jitted step under `jax.set_mesh` (which is how the
-MoE boundary finds the `expert` axis and turns expert-parallel, jaxmoe/nn/
-moe.py), and returns the sampled tokens replicated, so every process
-can read them. Without a mesh the engine does none of this.
+step's inputs, runs the jitted step (or, with an expert cache, the family's
+stepped programs) under `jax.set_mesh` (which is how the MoE boundary finds
+the `expert` and `model` axes and turns expert-parallel, jaxmoe/nn/moe.py),
+and returns the sampled tokens replicated, so every process can read them.
+Without a mesh the engine does none of this.
 """
 
 from __future__ import annotations
