@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxmoe.nn import sharding
 from jaxmoe.nn.moe import Impl
 from jaxmoe.serving.weights import Mode
 
@@ -38,6 +39,14 @@ def check_config(config: EngineConfig, cfg) -> None:
     raise ValueError(
       f"max_seq_len={config.max_seq_len} exceeds the model's max_position_embeddings={cfg.max_positions}"
     )
+  sizes = dict(sharding.parse_mesh(config.mesh))
+  if cfg.intermediate_size % sizes.get("model", 1):
+    raise ValueError(
+      f"mesh={config.mesh!r}: model:{sizes['model']} splits every expert's hidden features and must divide "
+      f"the model's intermediate_size={cfg.intermediate_size}"
+    )
+  if config.max_batch % sizes.get("data", 1):
+    raise ValueError(f"max_batch={config.max_batch} must be a multiple of the mesh's data:{sizes['data']}")
 
 
 def num_pages(config: EngineConfig, page_bytes: int, pages_per_row: int, rows: int | None = None) -> int:

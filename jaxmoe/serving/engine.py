@@ -101,8 +101,6 @@ class Engine:
     cross_width = width if self.family.cross else 0
     self.page_bytes = self.family.page_bytes(self.cfg, q)
     shards = 1 if self.mesh is None else self.mesh.data_shards  # KV pages split over `data`, rows with them
-    if config.max_batch % shards:
-      raise ValueError(f"max_batch={config.max_batch} must be a multiple of the mesh's data:{shards}")
     self.rows_per_shard = config.max_batch // shards
     num_pages = config_lib.num_pages(config, self.page_bytes, width + cross_width, self.rows_per_shard)
     self.pages = PageAllocator(num_pages, shards)

@@ -101,7 +101,7 @@ def test_serve_answers_every_line_with_the_models_own_limit(store_dir, requests_
   assert temporaries(tmp_path) == []
 
 
-@pytest.mark.parametrize("case", ["out_is_requests", "bad_store", "max_seq_len_above_model"])
+@pytest.mark.parametrize("case", ["out_is_requests", "bad_store", "max_seq_len_above_model", "mesh_model_axis"])
 def test_serve_fatal_errors_destroy_nothing(store_dir, requests_file, tmp_path, case):
   out = tmp_path / "out.jsonl"
   out.write_text("the previous responses\n")
@@ -110,6 +110,8 @@ def test_serve_fatal_errors_destroy_nothing(store_dir, requests_file, tmp_path, 
     out, store, fragment = requests_file, tmp_path / "no-such-store", "is the input"
   elif case == "bad_store":
     store, fragment = tmp_path / "no-such-store", "cannot read --store"
+  elif case == "mesh_model_axis":  # refused before any device is asked for (this process has one)
+    extra, fragment = ["--mesh=model:3"], "model:3 splits every expert's hidden features and must divide"
   else:
     extra, fragment = ["--max_seq_len=512"], "max_seq_len=512 exceeds the model's max_position_embeddings=128"
   before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
