@@ -28,7 +28,7 @@ every later use of the cache (LRFU: frequency-aware LRU). The victims are the
 lowest-scored slots that the current layer does not need and that are not
 pinned (`pin`: a tenant's experts that must stay resident).
 
-On a mesh (jaxmoe/serving/mesh.py: `EngineMesh.cache`) the cache is split
+On a mesh (jaxmoe/serving/mesh.py: `EngineMesh.cache_buffers`, `cache_write`) the cache is split
 like the pool: each of the S expert shards holds C cache slots (positions
 d * C ... (d + 1) * C - 1 of the buffers [S * C, ...], sharded over `expert`,
 and by features over `model`), and a pool slot is cached only in the block of
