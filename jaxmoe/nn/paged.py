@@ -222,3 +222,26 @@ def attention_pallas(q, kv: PagedKV, layer, tables, lengths, scale: float, inter
     interpret=interpret,
   )
   return out.reshape(b, t, m, g, h)
+
+
+def attention_pallas_per_head_shard(q, kv: PagedKV, layer, tables, lengths, scale: float, interpret: bool = False):
+  """`attention_pallas`, on a mesh whose heads axes (jaxmoe/nn/sharding.py) divide the key/value heads M:
+  one kernel per head shard, under a `shard_map` over those axes (the partitioner cannot split a custom
+  call), each on its M / n heads of q and of the pages; its output stays split by head. Heads attend
+  independently, so the rows' results are those of one kernel over every head. Without such a mesh, the
+  kernel itself."""
+  mesh = sharding.context_mesh()
+  axes = None if mesh is None else sharding.fitting_spec(mesh, kv.k.shape, ("heads",))[0]
+  if axes is None:
+    return attention_pallas(q, kv, layer, tables, lengths, scale, interpret)
+  heads, on_q = P(axes), P(None, None, axes)
+
+  def body(k, v, q, layer, tables, lengths):
+    local = PagedKV(k, v, kv.pages_per_layer)
+    return attention_pallas(q, local, layer, tables, lengths, scale, interpret)
+
+  names = {axes} if isinstance(axes, str) else set(axes)
+  run = jax.shard_map(
+    body, in_specs=(heads, heads, on_q, P(), P(), P()), out_specs=on_q, axis_names=names, check_vma=False
+  )
+  return run(kv.k, kv.v, q, jnp.asarray(layer), jnp.asarray(tables), jnp.asarray(lengths))

@@ -147,7 +147,8 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def _fitting_spec(mesh, shape: tuple[int, ...], logical: tuple) -> P:
+def fitting_spec(mesh, shape: tuple[int, ...], logical: tuple) -> P:
+  """The PartitionSpec of `fitting`."""
   axes = []
   for dim, name in zip(shape, logical + (None,) * (len(shape) - len(logical))):
     axis = mesh_axis(name, mesh)
@@ -160,7 +161,7 @@ def _fitting_spec(mesh, shape: tuple[int, ...], logical: tuple) -> P:
 def fitting(mesh, shape: tuple[int, ...], *logical: str | None) -> NamedSharding:
   """`named`, but a dim split over the longest leading part of its mesh axes that divides it, or else
   replicated (a batch of 1 on data:2; 2 KV heads on expert:2,model:2 are split over expert only)."""
-  return NamedSharding(mesh, _fitting_spec(mesh, shape, logical))
+  return NamedSharding(mesh, fitting_spec(mesh, shape, logical))
 
 
 def param(mesh, name: str, shape: tuple[int, ...]) -> NamedSharding:
@@ -186,4 +187,4 @@ def constrain(x, *logical: str | None):
   mesh = context_mesh()
   if mesh is None:
     return x
-  return jax.lax.with_sharding_constraint(x, _fitting_spec(mesh, x.shape, logical))
+  return jax.lax.with_sharding_constraint(x, fitting_spec(mesh, x.shape, logical))

@@ -333,3 +333,58 @@ def test_expert_cache_on_a_mesh_refuses_a_block_below_a_layers_need(store):
   expert = sum(w[0].nbytes for w in store.pool.values())
   with pytest.raises(ValueError, match="on one expert shard"):
     Engine(store, EngineConfig(mode=Mode.MIXED, max_batch=4, mesh="expert:2", expert_cache_gb=3 * expert / 1e9))
+
+
+@pytest.mark.parametrize("mesh", ["expert:2,model:2", "data:2,model:2"])
+def test_pallas_paged_attention_per_head_shard_equals_the_reference(mesh):
+  """The GPU path's kernel (interpret mode here) runs once per head shard under a shard_map over the heads
+  axes; each row's output equals the jnp reference on one device."""
+  from jaxmoe.nn import paged
+
+  rng = np.random.default_rng(5)
+  layers, m, g, h, q_size, b, pages_per_row = 2, 4, 16, 16, 4, 2, 6
+  kv = paged.init(layers, 1 + b * pages_per_row, q_size, m, h, jax.numpy.float32)
+  kv = kv.replace(
+    k=jax.numpy.asarray(rng.standard_normal(kv.k.shape).astype(np.float32)),
+    v=jax.numpy.asarray(rng.standard_normal(kv.v.shape).astype(np.float32)),
+  )
+  tables = rng.permutation(np.arange(1, 1 + b * pages_per_row, dtype=np.int32)).reshape(b, pages_per_row)
+  lengths = np.array([24, 9], np.int32)
+  q = jax.numpy.asarray(rng.standard_normal((b, 1, m, g, h)).astype(np.float32))
+  mesh_ = sharding.make_mesh(mesh)
+  split = sharding.fitting(mesh_, kv.k.shape, "heads")
+  assert split.spec[0] is not None  # the heads are split on this mesh
+  placed = kv.replace(k=jax.device_put(kv.k, split), v=jax.device_put(kv.v, split))
+  run = jax.jit(functools.partial(paged.attention_pallas_per_head_shard, scale=h**-0.5, interpret=True))
+  for layer in range(layers):
+    want = paged.attention_reference(q, kv, layer, tables, (lengths - 1)[:, None], h**-0.5)
+    with jax.set_mesh(mesh_):
+      got = run(q, placed, layer, tables, lengths)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, err_msg=max_abs(got, want))
+
+
+def test_pallas_per_head_shard_inside_the_data_shards_of_the_pages():
+  """data:2,model:2: the pages split over data (each row's in its own shard) and the kernel per head shard
+  nested inside the data shard_map, against the reference over the same pages."""
+  from jaxmoe.nn import paged
+
+  rng = np.random.default_rng(6)
+  layers, m, g, h, q_size, length = 2, 4, 16, 16, 4, 20
+  mesh = sharding.make_mesh("data:2,model:2")
+  kv = paged.placed(paged.init(layers, 8, q_size, m, h, jax.numpy.float32), mesh, 2, by_head=True)
+  tables = np.array([[1, 2, 3, 4, 5, 6, 7], [9, 10, 11, 12, 13, 14, 15]], np.int32)  # shard 0's, shard 1's
+  positions = np.broadcast_to(np.arange(length, dtype=np.int32), (2, length))
+  keys = rng.standard_normal((layers, 2, length, m, h)).astype(np.float32)
+  values = rng.standard_normal((layers, 2, length, m, h)).astype(np.float32)
+  q = jax.numpy.asarray(rng.standard_normal((2, 1, m, g, h)).astype(np.float32))
+  lengths = np.array([20, 11], np.int32)
+  pallas = lambda kv, layer, t, q, n: paged.attention_pallas_per_head_shard(q, kv, layer, t, n, h**-0.5, True)  # noqa: E731
+  reference = lambda kv, layer, t, q, n: paged.attention_reference(q, kv, layer, t, (n - 1)[:, None], h**-0.5)  # noqa: E731
+  with jax.set_mesh(mesh):
+    for layer in range(layers):
+      kv = jax.jit(paged.write)(kv, layer, tables, positions, jax.numpy.asarray(keys[layer]), values[layer])
+    for layer in range(layers):
+      got = jax.jit(lambda kv, q, layer: paged.per_row(pallas, kv, layer, tables, q, lengths))(kv, q, layer)
+      want = jax.jit(lambda kv, q, layer: paged.per_row(reference, kv, layer, tables, q, lengths))(kv, q, layer)
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, err_msg=max_abs(got, want))
+      assert np.abs(np.asarray(want)).sum() > 0

@@ -81,12 +81,13 @@ def context(positions, tables, pool, ops, cfg: MixtralConfig, decode: bool) -> C
 
 
 def attend_pages(q, kv: paged.PagedKV, layer, ctx: Context, cfg: MixtralConfig):
-  """Queries [B, T, M, G, H] over the rows' pages: jax's Pallas kernel on GPUs (one query, no window; not
-  yet on a mesh that splits heads, where the partitioner runs the reference per head shard)."""
+  """Queries [B, T, M, G, H] over the rows' pages: jax's Pallas kernel on GPUs (one query, no window; on a
+  mesh, one kernel per head shard)."""
   scale = cfg.head_dim**-0.5
-  heads_split = sharding.axis_size("expert") * sharding.axis_size("model") > 1
-  if jax.default_backend() == "gpu" and q.shape[1] == 1 and cfg.sliding_window is None and not heads_split:
-    fn = lambda kv, layer, tables, q, pos: paged.attention_pallas(q, kv, layer, tables, pos[:, 0] + 1, scale)  # noqa: E731
+  if jax.default_backend() == "gpu" and q.shape[1] == 1 and cfg.sliding_window is None:
+    fn = lambda kv, layer, tables, q, pos: paged.attention_pallas_per_head_shard(  # noqa: E731
+      q, kv, layer, tables, pos[:, 0] + 1, scale
+    )
   else:
     fn = lambda kv, layer, tables, q, pos: paged.attention_reference(  # noqa: E731
       q, kv, layer, tables, pos, scale, cfg.sliding_window
