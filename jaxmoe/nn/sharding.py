@@ -13,13 +13,14 @@ deployment runs on (`"data:2,expert:4"`) decides which of them are split:
   pages    KV-cache pages (jaxmoe/nn/paged.py: a block per shard)  -> data
   others   embed D, layers L, tenants A, experts E                 -> replicated
 
-A logical axis whose mesh axes are absent from the mesh (or have size 1), or
-do not divide the dim, is replicated, so one table serves every mesh, a
-single device included.
+A logical axis whose mesh axes are absent from the mesh (or have size 1) is
+replicated; one mapped to several axes that do not divide the dim falls back
+to the longest leading part of them that does, or to replicated. So one table
+serves every mesh, a single device included.
 
 Backbones, where the engine splits them (jaxmoe/serving/mesh.py), are split
-over every device that splits the pool and over `model` devices too (which
-hold the same pool shard): a device reads 1 / n of every tenant's attention
+over every device that splits the pool, over `expert` by slot and `model` by
+features (all of expert x model): a device reads 1 / n of every tenant's attention
 and LM head, where replicated backbones are each read whole by every device
 (in mixed mode K of them per step). `PARAM_AXES` names the logical axes of
 each backbone leaf (by its name, shared by the families). No contraction is
@@ -33,8 +34,8 @@ equal to float rounding, not bit for bit.
 
 Meshes use `AxisType.Auto`: XLA's partitioner propagates shardings from the
 placed inputs and from the constraints at layer boundaries (the MoE boundary's
-`shard_map`, jaxmoe/nn/moe.py); the model code is the single-device
-code unchanged.
+`shard_map`, jaxmoe/nn/moe.py); the model code is the single-device code,
+whose constraints are no-ops without a mesh.
 """
 
 from __future__ import annotations
