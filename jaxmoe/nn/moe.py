@@ -430,7 +430,7 @@ def moe(
 # first after the slot: `FEATURE_DIMS`), as tensor parallelism splits an MLP:
 # a device holds 1 / n of every slot it holds, computes every pair of those
 # slots over its F slice (silu and relu act per feature), and the same
-# all-reduce, over `model` too, adds the slices' partial products. No slot is
+# all-reduce, over `model` too, adds the slices' partial products. No device is
 # busier than another (the load is even whatever the routing), at the price
 # of exactness: the sum over F is split, so the output equals one device's to
 # float rounding, not bit for bit. Both axes together: slots over `expert`,
@@ -470,7 +470,8 @@ def _terms_dense(x, local, weights, pool, spec, num_experts: int):
 
 
 def moe_expert_parallel(x, router_logits, slot_map, pool, spec: MoeSpec):
-  """`moe` with the pool's slots split over the context mesh's `expert` axis (see module docstring).
+  """`moe` with the pool's slots split over the context mesh's `expert` axis and its experts' features
+  over `model` (either or both; see the comments above).
 
   Args and result as `jaxmoe.nn.moe.moe`; the pool's slot count must be a
   multiple of the expert axis' size (placement pads it).
