@@ -81,7 +81,8 @@ def output_projection(ops, out, w):
 
   On a mesh that splits heads (jaxmoe/nn/sharding.py) the heads are gathered
   first and w is split over its output features, so no sum is divided between
-  devices; the result is gathered too: the same numbers as on one device.
+  devices; the result is gathered too. Equal to one device's to float rounding:
+  a matmul at another output width may add the same products in another order.
   """
   out = sharding.constrain(out, "batch")
   return sharding.constrain(ops.linear("BTNH,NHD->BTD", out, w), "batch")

@@ -41,6 +41,7 @@ from jaxmoe.nn.sampling import SamplingParams
 
 SCRATCH_PAGE = 0
 DATA_AXIS = "data"
+_BLOCKS = P(None, DATA_AXIS)  # a pool [M, S * L * P, Q, H] split into its data shards' blocks of pages
 
 
 @struct.dataclass
@@ -125,10 +126,9 @@ def _shard_tables(tables, pages_per_layer: int):
 
 def _over_shards(body, kv: PagedKV, out_specs, *args):
   """body(k, v, *args) per data shard: k, v their shard's block of pages, every other argument whole."""
-  pages = P(None, DATA_AXIS)
   run = jax.shard_map(
     body,
-    in_specs=(pages, pages, *(P() for _ in args)),
+    in_specs=(_BLOCKS, _BLOCKS, *(P() for _ in args)),
     out_specs=out_specs,
     axis_names={DATA_AXIS},  # manual over `data` only: heads split over other axes stay the partitioner's
     check_vma=False,
@@ -154,8 +154,7 @@ def write(
     out = _write(PagedKV(pk, pv, kv.pages_per_layer), layer, local, positions, k, v)
     return out.k, out.v
 
-  pages = P(None, DATA_AXIS)
-  new_k, new_v = _over_shards(body, kv, (pages, pages), layer, jnp.asarray(tables), positions, k, v)
+  new_k, new_v = _over_shards(body, kv, (_BLOCKS, _BLOCKS), layer, jnp.asarray(tables), positions, k, v)
   return kv.replace(k=new_k, v=new_v)
 
 

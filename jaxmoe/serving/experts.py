@@ -191,7 +191,7 @@ class ExpertCache:
     chosen, where = [], []
     for s in np.asarray(slots, np.int64):
       free = empty[self.shard_of[s]]
-      if self.cache_of[s] < 0 and free and (self._source is None or self._source[s] >= 0):
+      if self.cache_of[s] < 0 and free:
         chosen.append(s)
         where.append(free.pop(0))
     chosen, where = np.asarray(chosen, np.int64), np.asarray(where, np.int64)

@@ -52,7 +52,7 @@ class TenantWeights:
   def __init__(self, store, cache_slots: int | None = None, mesh=None):
     self.tenants = list(store.tenants)
     self.index = {name: i for i, name in enumerate(self.tenants)}
-    self.mesh = mesh  # jaxmoe.serving.mesh.EngineMesh: the pool sharded by slot, maps renumbered, backbones split
+    self.mesh = mesh  # jaxmoe.serving.mesh.EngineMesh: the pool sharded, maps renumbered, backbones replicated or split
     lazy = getattr(store, "host_pool", None)  # a store read lazily off disk (io/store.py)
     self.lazy_pool = lazy
     total = lazy.num_slots if lazy is not None else moe.num_slots(store.pool)

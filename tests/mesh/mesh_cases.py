@@ -50,10 +50,19 @@ def _moe_fn(impl):
   return jax.jit(lambda x, lg, sm, pool: moe_lib.moe(x, lg, sm, pool, spec))
 
 
-def _on_mesh(fn, spec, pool, slot_map, *args):
-  mesh = sharding.make_mesh(spec)
-  p = placement.round_robin(next(iter(pool.values())).shape[0], mesh.shape["expert"])
-  placed = jax.device_put({n: p.rows(w, 0, len(p.order)) for n, w in pool.items()}, sharding.named(mesh, "pool"))
+def _place_pool(mesh, pool):
+  """(round-robin placement, the pool placed as the engine places it: slots over expert, F over model)."""
+  p = placement.round_robin(next(iter(pool.values())).shape[0], mesh.shape.get("expert", 1))
+  slot_axis, feature_axis = sharding.mesh_axis("pool", mesh), sharding.mesh_axis("mlp", mesh)
+  placed = {
+    n: jax.device_put(p.rows(w, 0, len(p.order)), NamedSharding(mesh, moe_lib.pool_spec(n, slot_axis, feature_axis)))
+    for n, w in pool.items()
+  }
+  return p, placed
+
+
+def _on_mesh(fn, mesh, pool, slot_map, *args):
+  p, placed = _place_pool(mesh, pool)
   with jax.set_mesh(mesh):
     return np.asarray(fn(*args, p.remap(slot_map), placed))
 
@@ -70,7 +79,7 @@ def test_expert_parallel_moe_equals_one_device(moe_inputs, spec, impl):
     maps = {k: v for k, v in maps.items() if v.ndim == 2}
   for name, slot_map in maps.items():
     want = np.asarray(fn(tokens, logits, slot_map, pool))  # compiled once per impl and map kind
-    got = _on_mesh(fn, spec, pool, slot_map, tokens, logits)
+    got = _on_mesh(fn, sharding.make_mesh(spec), pool, slot_map, tokens, logits)
     if impl is moe_lib.Impl.ROUTED:
       assert np.array_equal(got, want), (spec, name, max_abs(got, want))
     else:
@@ -92,20 +101,12 @@ def test_experts_split_by_feature_over_model_equal_one_device(moe_inputs, spec, 
   pool, tokens, logits, maps = moe_inputs
   fn = _moe_fn(impl)
   mesh = sharding.make_mesh(spec)
-  n_exp = mesh.shape.get("expert", 1)
-  p = placement.round_robin(next(iter(pool.values())).shape[0], n_exp)
-  slot_axis, feature_axis = sharding.mesh_axis("pool", mesh), sharding.mesh_axis("mlp", mesh)
-  placed = {
-    n: jax.device_put(p.rows(w, 0, len(p.order)), NamedSharding(mesh, moe_lib.pool_spec(n, slot_axis, feature_axis)))
-    for n, w in pool.items()
-  }
-  devices = n_exp * mesh.shape["model"]
-  for n, w in placed.items():
+  devices = mesh.shape.get("expert", 1) * mesh.shape["model"]
+  for n, w in _place_pool(mesh, pool)[1].items():
     assert {s.data.nbytes for s in w.addressable_shards} == {w.nbytes // devices}, n
   for name, slot_map in maps.items():
     want = np.asarray(fn(tokens, logits, slot_map, pool))
-    with jax.set_mesh(mesh):
-      got = np.asarray(fn(tokens, logits, p.remap(slot_map), placed))
+    got = _on_mesh(fn, mesh, pool, slot_map, tokens, logits)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6, err_msg=f"{spec} {name} {max_abs(got, want)}")
 
 
