@@ -56,8 +56,9 @@ class TenantWeights:
     lazy = getattr(store, "host_pool", None)  # a store read lazily off disk (io/store.py)
     self.lazy_pool = lazy
     total = lazy.num_slots if lazy is not None else moe.num_slots(store.pool)
+    per_device = total if mesh is None else -(-total // mesh.expert_shards)  # slots a device holds of the pool
     self.cache = None
-    if cache_slots is not None and cache_slots < total:  # the pool stays on the host; the device caches experts
+    if cache_slots is not None and cache_slots < per_device:  # the pool stays on the host; the device caches
       if mesh is not None:  # each expert shard caches the slots placed on it
         mesh.place(total, store.slot_maps)
       host = lazy if lazy is not None else ArrayPool(store.pool)

@@ -389,3 +389,14 @@ def test_pallas_per_head_shard_inside_the_data_shards_of_the_pages():
       want = jax.jit(lambda kv, q, layer: paged.per_row(reference, kv, layer, tables, q, lengths))(kv, q, layer)
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, err_msg=max_abs(got, want))
       assert np.abs(np.asarray(want)).sum() > 0
+
+
+def test_an_expert_budget_holding_a_devices_share_of_the_pool_needs_no_cache(store):
+  """expert:2: a device holds 8 of the 16 slots, so a budget of 8 experts per device keeps the whole pool
+  on the mesh (no cache, no stepped programs), as a budget of the whole pool does on one device."""
+  expert = sum(w[0].nbytes for w in store.pool.values())
+  engine = Engine(store, EngineConfig(mode=Mode.MIXED, max_batch=4, mesh="expert:2", expert_cache_gb=8 * expert / 1e9))
+  assert engine.weights.cache is None
+  pool_bytes = sum(w.nbytes for w in store.pool.values())
+  assert set(engine.mesh.bytes_per_device(engine.weights.pool).values()) == {pool_bytes // 2}
+  engine.close()
