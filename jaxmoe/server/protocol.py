@@ -152,6 +152,8 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict]:
   out = []
   for i, m in enumerate(messages):
     d = m.model_dump(exclude_none=True)
+    if m.content is None and m.role != "assistant":  # only an assistant turn (with tool calls) may omit it
+      raise bad_request(f"messages[{i}]: 'content' is required for a {m.role!r} message", "messages")
     if isinstance(m.content, list):
       texts = []
       for part in m.content:

@@ -23,6 +23,7 @@ from jaxmoe.errors import RequestError
 
 DEFAULT_MAX_TOKENS = 16
 SEED_RANGE = (0, 2**31)  # the sampler's seeds are int32
+MAX_TEMPERATURE = 3.4028234663852886e38  # float32's largest finite value: the sampler holds temperatures as float32
 BOM = b"\xef\xbb\xbf"
 # OpenAI completion fields a request may carry; anything else is refused by name (a typo such as
 # "max_new_tokens" must not silently mean the default).
@@ -130,6 +131,8 @@ def parse_request(obj: Any, default_id: str) -> Request:
   temperature = _number(obj, "temperature", float, 0.0)
   if temperature < 0:
     raise RequestError(f"'temperature' must be >= 0, got {temperature}")
+  if temperature > MAX_TEMPERATURE:  # the device holds it as float32: beyond this it would be inf
+    raise RequestError(f"'temperature' must be at most {MAX_TEMPERATURE:.4g}, got {temperature}")
   top_p = _number(obj, "top_p", float, 1.0)
   if not 0 < top_p <= 1:
     raise RequestError(f"'top_p' must be in (0, 1], got {top_p}")

@@ -55,6 +55,7 @@ BAD_LINES = {
   "temperature_string": (j(temperature="0.5"), "'temperature' must be a number"),
   "temperature_bool": (j(temperature=True), "'temperature' must be a number"),
   "temperature_negative": (j(temperature=-0.1), "'temperature' must be >= 0"),
+  "temperature_beyond_float32": (j(temperature=1e39), "'temperature' must be at most"),
   "top_p_zero": (j(top_p=0), "'top_p' must be in (0, 1]"),
   "top_p_above_one": (j(top_p=1.5), "'top_p' must be in (0, 1]"),
   "top_p_nan": (raw('{"model": "tenant0", "prompt_ids": [1], "top_p": NaN}'), "finite"),

@@ -245,6 +245,8 @@ def bad_requests(url: str) -> list[tuple]:
       400,
       "'messages.0.role' is required",
     ),
+    ("POST", chat, {"json": {"model": "tenant0", "messages": [{"role": "user"}]}}, 400, "'content' is required"),
+    ("POST", c, {"json": {**ok, "temperature": 1e39}}, 400, "'temperature' must be at most"),
     ("GET", f"{url}/v1/nothing", {}, 404, "no route"),
     ("GET", c, {}, 405, "Method Not Allowed"),
     ("POST", c, {"json": ok, "headers": {"authorization": ""}}, 401, "API key"),
