@@ -61,7 +61,7 @@ from jaxmoe.serving import requests as req_lib
 from jaxmoe.serving.detok import TextStream
 from jaxmoe.serving.pages import HostRows, PageAllocator, pages_for
 from jaxmoe.serving.requests import Request
-from jaxmoe.serving.scheduler import starving
+from jaxmoe.serving.scheduler import next_tenant
 from jaxmoe.serving.sequence import Sequence
 from jaxmoe.serving.stats import ServedStats
 from jaxmoe.serving.weights import Mode, make_weights
@@ -279,22 +279,13 @@ class Engine:
       return []
     if self.config.mode is Mode.MIXED:
       return list(self.waiting)[:free]
-    running = [s.request.model for s in self.rows if s is not None]
-    current = running[0] if running else self.weights.active
-    starving_tenant = starving(
-      ((s.request.model, s.arrival) for s in self.waiting), current, self.clock(), self.config.max_wait_s
-    )
-    if running:
-      if starving_tenant is not None:
-        self.weights.prefetch(starving_tenant)  # admit nothing: drain this batch, then switch
-        return []
-      tenant = current
-    elif starving_tenant is not None:
-      tenant = starving_tenant
-    elif any(s.request.model == current for s in self.waiting):
-      tenant = current
-    else:
-      tenant = self.waiting[0].request.model
+    running = next((s.request.model for s in self.rows if s is not None), None)
+    waiting = [(s.request.model, s.arrival) for s in self.waiting]
+    tenant, prefetch = next_tenant(waiting, running, self.weights.active, self.clock(), self.config.max_wait_s)
+    if prefetch is not None:
+      self.weights.prefetch(prefetch)  # admit nothing: drain this batch, then switch
+    if tenant is None:
+      return []
     return [s for s in self.waiting if s.request.model == tenant][:free]
 
   def _params_and_ops(self, seqs):

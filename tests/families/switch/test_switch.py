@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 import jaxmoe
 from jaxmoe.errors import ConfigError, ConversionError
-from jaxmoe.families.switch import layout
+from jaxmoe.families.switch import layout, position
 from jaxmoe.families.switch import model as switch
 from jaxmoe.families.switch.api import SwitchModel
 from jaxmoe.families.switch.config import Routing, SwitchConfig
@@ -215,7 +215,7 @@ def test_relative_buckets_known_values():
   rel = jnp.asarray([0, -1, -7, -8, -12, -18, -26, -27, -500, 3])
   # From transformers' _relative_position_bucket(bidirectional=False, num_buckets=17, max_distance=27).
   np.testing.assert_array_equal(
-    np.asarray(switch.relative_buckets(rel, cfg, False)), [0, 1, 7, 8, 10, 13, 16, 16, 16, 0]
+    np.asarray(position.relative_buckets(rel, cfg, False)), [0, 1, 7, 8, 10, 13, 16, 16, 16, 0]
   )
 
 

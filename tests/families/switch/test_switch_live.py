@@ -96,7 +96,7 @@ def test_relative_buckets_equal_transformers():
   """
   from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersAttention
 
-  from jaxmoe.families.switch import model as switch
+  from jaxmoe.families.switch import position
   from jaxmoe.families.switch.config import preset
 
   rel = np.arange(-400, 401)
@@ -111,7 +111,7 @@ def test_relative_buckets_equal_transformers():
         want = SwitchTransformersAttention._relative_position_bucket(
           torch.tensor(rel), bidirectional, num_buckets, max_distance
         ).numpy()
-        got = np.asarray(switch.relative_buckets(rel, cfg, bidirectional))
+        got = np.asarray(position.relative_buckets(rel, cfg, bidirectional))
         exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
         dist = np.maximum(np.abs(rel) if bidirectional else np.maximum(-rel, 0), exact)
         ratio = torch.tensor(dist, dtype=torch.float32) / exact
