@@ -17,8 +17,8 @@ from jax.sharding import NamedSharding
 
 from jaxmoe.families.mixtral import config
 from jaxmoe.families.switch.config import preset as switch_preset
-from jaxmoe.nn import expert_parallel, sharding
 from jaxmoe.nn import moe as moe_lib
+from jaxmoe.nn import sharding
 from jaxmoe.serving import Engine, EngineConfig, Mode, placement
 from jaxmoe.serving.synthetic import synthetic_store
 from tests.helpers import max_abs
@@ -55,9 +55,7 @@ def _place_pool(mesh, pool):
   p = placement.round_robin(next(iter(pool.values())).shape[0], mesh.shape.get("expert", 1))
   slot_axis, feature_axis = sharding.mesh_axis("pool", mesh), sharding.mesh_axis("mlp", mesh)
   placed = {
-    n: jax.device_put(
-      p.rows(w, 0, len(p.order)), NamedSharding(mesh, expert_parallel.pool_spec(n, slot_axis, feature_axis))
-    )
+    n: jax.device_put(p.rows(w, 0, len(p.order)), NamedSharding(mesh, moe_lib.pool_spec(n, slot_axis, feature_axis)))
     for n, w in pool.items()
   }
   return p, placed
