@@ -29,7 +29,7 @@ from jaxmoe.bench.qos.mig import MigSystem
 from jaxmoe.bench.qos.workload import Arrival
 from jaxmoe.devices import free
 from jaxmoe.serving import Engine, EngineConfig, Mode
-from jaxmoe.serving.scheduler import starving
+from jaxmoe.serving.scheduler import next_tenant
 from jaxmoe.serving.weights import SwitchStats
 from jaxmoe.trees import tree_bytes
 
@@ -122,18 +122,14 @@ class FullSwapLane:
 
   def step(self) -> list[Record]:
     with self.clock.running():
-      busy, starving = self._busy, self._starving()
-      if not busy:
-        mine = any(a.tenant == self.tenant for a in self.queue)
-        target = starving or (self.tenant if mine else self.queue[0].tenant)
-        if target != self.tenant:
-          self._switch(target)
-      if not (busy and starving):
+      busy, waiting = self._busy, [(a.tenant, a.time) for a in self.queue]
+      running = self.tenant if busy else None
+      target, drain = next_tenant(waiting, running, self.tenant, self.clock(), self.config.max_wait_s)
+      if not busy and target is not None and target != self.tenant:
+        self._switch(target)
+      if drain is None:  # a busy batch keeps its tenant until another starves, then drains
         self._hand()
       return self.feed.step()
-
-  def _starving(self) -> str | None:
-    return starving(((a.tenant, a.time) for a in self.queue), self.tenant, self.clock(), self.config.max_wait_s)
 
   def _hand(self) -> None:
     room = self.config.max_batch - self.feed.in_flight
