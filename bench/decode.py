@@ -96,7 +96,7 @@ class StepBench:
     from jaxmoe.families.mixtral import model
     from jaxmoe.families.mixtral.engine import decode
     from jaxmoe.generation import contiguous_tables
-    from jaxmoe.nn import moe, paged
+    from jaxmoe.nn import moe_ops, paged
     from jaxmoe.nn.sampling import SamplingParams
     from jaxmoe.nn.tenancy import MixedTenants, SingleTenant
 
@@ -113,7 +113,7 @@ class StepBench:
       SamplingParams.full(batch),
     )
     self.rows = jax.device_put(rows)
-    pool = jax.device_put(moe.pack(store.pool))
+    pool = jax.device_put(moe_ops.pack(store.pool))
     ids = np.arange(batch) % len(tenants)
     if len(tenants) == 1:
       t = tenants[0]

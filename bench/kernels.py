@@ -105,7 +105,7 @@ def _dense_einsum(x, router_logits, slot_map, pool, spec):
   import jax
   import jax.numpy as jnp
 
-  from jaxmoe.nn.moe import expert_slots, route
+  from jaxmoe.nn.moe_ops import expert_slots, route
 
   weights, experts = route(router_logits, spec.top_k, spec.router)
   slots = expert_slots(experts, slot_map)
@@ -125,7 +125,7 @@ def _mgpu_moe(x, router_logits, slot_map, pool, spec):
   import jax.numpy as jnp
   from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
-  from jaxmoe.nn.moe import expert_slots, route
+  from jaxmoe.nn.moe_ops import expert_slots, route
 
   t, k = router_logits.shape[0], spec.k
   weights, experts = route(router_logits, spec.top_k, spec.router)
@@ -147,7 +147,8 @@ def _layer(job):
   import jax.numpy as jnp
   import numpy as np
 
-  from jaxmoe.nn.moe import Impl, MoeSpec, expert_slots, moe, route
+  from jaxmoe.nn.moe import Impl, MoeSpec, moe
+  from jaxmoe.nn.moe_ops import expert_slots, route
 
   shape, t, variant = job["shape"], job["tokens"], job["variant"]
   d, f, e, k, dtype = shape["d"], shape["f"], shape["e"], shape["k"], jnp.dtype(shape["dtype"])

@@ -12,7 +12,7 @@ For each model shape and mesh, with K tenants consolidated into one pool
     expert x model), the KV pages of its data shard's rows (the batch /
     n_data; by head too where backbones are split);
   - the bytes one device sends per decode step in the MoE all-reduce
-    (jaxmoe/nn/moe.py: T x D float32 per layer, ring, over expert x model)
+    (jaxmoe/nn/expert_parallel.py: T x D float32 per layer, ring, over expert x model)
     and, for comparison, what an all-to-all dispatch + return of the
     (token, k) pairs over `expert` would send;
   - the estimated decode step on NVLink 4, PCIe 5 and ICI: the single-device
@@ -35,7 +35,7 @@ For each model shape and mesh, with K tenants consolidated into one pool
 
 Splitting by features (a model axis) or by head makes outputs equal one
 device's to float rounding; slots over `expert` with replicated backbones
-are bit-identical (jaxmoe/nn/moe.py, jaxmoe/nn/sharding.py).
+are bit-identical (jaxmoe/nn/expert_parallel.py, jaxmoe/nn/sharding.py).
 
 Interconnect figures are vendor datasheet numbers per direction per device,
 not measured here: NVLink 4 450 GB/s (900 GB/s bidirectional, H100/H200
@@ -155,7 +155,7 @@ def routed_slots(rng, maps, batch: int, top_k: int) -> list[np.ndarray]:
 
 
 def estimate(case, trials: int, measured_step_s: float | None = None) -> dict:
-  from jaxmoe.nn import moe
+  from jaxmoe.nn import expert_parallel
 
   name, k, own, batch, context, mesh = case
   s = SHAPES[name]
@@ -184,8 +184,8 @@ def estimate(case, trials: int, measured_step_s: float | None = None) -> dict:
   roofline = one_total / HBM_BYTES_PER_S
   t1 = measured_step_s if measured_step_s is not None else roofline
   tokens = batch // n_data
-  all_reduce = moe.all_reduce_bytes(tokens, s.d, n_split) * s.layers
-  all_to_all = moe.all_to_all_bytes(tokens, s.d, s.top_k, n_exp, s.itemsize) * s.layers
+  all_reduce = expert_parallel.all_reduce_bytes(tokens, s.d, n_split) * s.layers
+  all_to_all = expert_parallel.all_to_all_bytes(tokens, s.d, s.top_k, n_exp, s.itemsize) * s.layers
 
   def device_bytes(split: bool) -> tuple[float, float]:
     """(backbone bytes, KV bytes) one device reads per step: replicated backbones, or split ones."""

@@ -70,11 +70,11 @@ def serve(store, mode, reqs, gb):
 
 
 def budget_rows(store, name: str, mode, tenants: list[str], n: int, repeats: int) -> list[dict]:
-  from jaxmoe.nn import moe
+  from jaxmoe.nn import moe_ops
   from jaxmoe.serving.experts import ArrayPool, min_slots
   from jaxmoe.serving.weights import Mode
 
-  pool = moe.num_slots(store.pool)
+  pool = moe_ops.num_slots(store.pool)
   expert = ArrayPool(store.pool).expert_bytes
   need = min_slots(store.slot_maps.values(), store.config.num_experts, BATCH, len(tenants) if mode is Mode.MIXED else 1)
   rows, want = [], None

@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxmoe import buckets
 from jaxmoe.io.tokenizer import Tokenizer
-from jaxmoe.nn import moe
+from jaxmoe.nn import moe_ops
 from jaxmoe.nn.moe import Impl
 from jaxmoe.nn.precision import precision
 from jaxmoe.nn.sampling import SamplingParams
@@ -123,7 +123,7 @@ class ModelBase:
   def __init__(self, cfg, params, tokenizer: Tokenizer | None = None, impl: Impl = Impl.AUTO):
     self.layout.check_params(cfg, params)
     self.config = cfg
-    self.params = jax.device_put({**params, "experts": moe.pack(params["experts"])})
+    self.params = jax.device_put({**params, "experts": moe_ops.pack(params["experts"])})
     self.tokenizer = tokenizer
     self.impl = impl
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.io import files
-from jaxmoe.nn.moe import expert_kind
+from jaxmoe.nn.moe_ops import expert_kind
 
 F32 = jnp.float32
 

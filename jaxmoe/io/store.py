@@ -41,7 +41,7 @@ from jaxmoe.errors import ConfigError, StoreError
 from jaxmoe.families import base, registry
 from jaxmoe.io import checkpoint, files, integrity
 from jaxmoe.io.tokenizer import load_tokenizer
-from jaxmoe.nn import moe
+from jaxmoe.nn import moe_ops
 from jaxmoe.nn.moe import Impl
 from jaxmoe.trees import Params
 
@@ -239,7 +239,7 @@ class LazyPool:
   The host tier between the disk and the device expert cache
   (jaxmoe/serving/experts.py): tensorstore reads only the chunks a slot lives in
   and keeps recent ones in an LRU cache bounded by `host_bytes`. Slots come back
-  as the MoE boundary takes them (`moe.pack`).
+  as the MoE boundary takes them (`moe_ops.pack`).
   """
 
   def __init__(self, path: pathlib.Path, cfg, slots_per_layer: list[int], host_bytes: int):
@@ -275,7 +275,7 @@ class LazyPool:
       layer = int(self._layer_of[int(s)])
       local = int(s) - int(self._first[layer])
       for n in leaves:
-        out[n].append(moe.pack({n: self._arrays[layer][n][local].read().result()})[n])
+        out[n].append(moe_ops.pack({n: self._arrays[layer][n][local].read().result()})[n])
       self.slots_read.add(int(s))
     return out
 
@@ -290,7 +290,7 @@ class _LazyLeaf:
   def __init__(self, pool: LazyPool, name: str):
     self.pool, self.name = pool, name
     self.shape = (pool.num_slots, *pool.shapes[name])
-    self.dtype = moe.pack({name: np.zeros((0,), pool.dtypes[name])})[name].dtype
+    self.dtype = moe_ops.pack({name: np.zeros((0,), pool.dtypes[name])})[name].dtype
 
   def __getitem__(self, slots) -> np.ndarray:
     slots = np.asarray(slots).reshape(-1)
@@ -345,7 +345,7 @@ class Store:
   def device_pool(self) -> dict:
     """The pool on the default device, transferred once and reused by every tenant's model."""
     if self._device_pool is None:
-      self._device_pool = jax.device_put(moe.pack(self.pool))
+      self._device_pool = jax.device_put(moe_ops.pack(self.pool))
     return self._device_pool
 
   @functools.cached_property

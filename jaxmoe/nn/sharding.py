@@ -6,7 +6,7 @@ deployment runs on (`"data:2,expert:4"`) decides which of them are split:
 
   batch    rows of a batch, and the tokens T flattened from them  -> data
   pool     expert-pool slots X (the pool is sharded by slot)      -> expert
-  mlp      an expert's hidden features F (jaxmoe/nn/moe.py)        -> model
+  mlp      an expert's hidden features F (nn/expert_parallel.py)   -> model
   heads    attention heads N / M (q, k, v and the KV pages)      -> expert x model
   out      the attention output projection's output features D   -> expert x model
   vocab    the LM head's output features V                        -> expert x model
@@ -34,7 +34,7 @@ equal to float rounding, not bit for bit.
 
 Meshes use `AxisType.Auto`: XLA's partitioner propagates shardings from the
 placed inputs and from the constraints at layer boundaries (the MoE boundary's
-`shard_map`, jaxmoe/nn/moe.py); the model code is the single-device code,
+`shard_map`, jaxmoe/nn/expert_parallel.py); the model code is the single-device code,
 whose constraints are no-ops without a mesh.
 """
 

@@ -63,9 +63,8 @@ from jaxmoe.serving.pages import HostRows, PageAllocator, pages_for
 from jaxmoe.serving.requests import Request
 from jaxmoe.serving.scheduler import next_tenant
 from jaxmoe.serving.sequence import Sequence
-from jaxmoe.serving.stats import ServedStats
+from jaxmoe.serving.stats import ServedStats, weight_counters
 from jaxmoe.serving.weights import Mode, make_weights
-from jaxmoe.trees import tree_bytes
 
 TokenCallback = Callable[[str, int, str], None]  # (request id, token id, text delta)
 
@@ -136,7 +135,8 @@ class Engine:
       raise RequestError(f"a request must be a dict or a Request, got {type(request).__name__}")
     if request.id in self._in_flight:
       raise RequestError(f"request id {request.id!r} is already in the engine; ids must be unique")
-    prompt = self._prompt_ids(request)
+    prompt = req_lib.prompt_ids(request, self.weights.tenants, self.tokenizer, self.cfg.vocab_size)
+    self.family.check_lengths(len(prompt), request.max_tokens, self.config.max_seq_len)
     need = sum(self._pages_needed(len(prompt), request.max_tokens))
     if need > self.pages.largest:
       raise RequestError(
@@ -180,23 +180,6 @@ class Engine:
     else:
       self.waiting.remove(seq)
     return True
-
-  def _prompt_ids(self, r: Request) -> list[int]:
-    if r.model not in self.weights.index:
-      raise RequestError(f"unknown model {r.model!r}; this store serves {self.weights.tenants}")
-    if r.prompt is not None:
-      if self.tokenizer is None:
-        raise RequestError("this store has no tokenizer: send 'prompt_ids' instead of 'prompt'")
-      ids = list(self.tokenizer.encode(r.prompt))
-    else:
-      ids = list(r.prompt_ids)
-      bad = [i for i in ids if not 0 <= i < self.cfg.vocab_size]
-      if bad:
-        raise RequestError(f"'prompt_ids' out of the vocabulary [0, {self.cfg.vocab_size}): {bad[:5]}")
-    if not ids:
-      raise RequestError("the prompt encodes to no tokens")
-    self.family.check_lengths(len(ids), r.max_tokens, self.config.max_seq_len)
-    return ids
 
   def room(self, prompt_len: int) -> int:
     """The largest max_tokens a request with a prompt of `prompt_len` tokens may ask for (0: none)."""
@@ -473,7 +456,7 @@ class Engine:
   def stats(self) -> dict:
     """Counters of the engine so far: tenant switches, device bytes, sequences, KV pages."""
     return {
-      **self._weight_counters(),
+      **weight_counters(self.weights, self.kv),
       "kv_pages": self.pages.usable,
       "kv_pages_free": self.pages.free,
       "running": self.num_running,
@@ -485,23 +468,6 @@ class Engine:
       "completion_tokens": self.served.completion_tokens,
     }
 
-  def _weight_counters(self) -> dict:
-    """Tenant switches, device bytes of weights and KV, the expert cache's and a lazy pool's reads."""
-    st, lazy = self.weights.stats, self.weights.lazy_pool
-    out = {
-      "switches": st.switches,
-      "switch_bytes": st.bytes,
-      "switch_s": st.seconds,
-      "device_weight_bytes": self.weights.device_bytes(),
-      "kv_bytes": tree_bytes(self.kv),
-      **offload.stats(self.weights.cache, self.weights.host_slot_maps),
-    }
-    if lazy is not None:  # a pool read lazily off disk: how many of its slots this process has read
-      out.update(pool_slots_read=len(lazy.slots_read), pool_slots=lazy.num_slots)
-      if self.weights.pool_slots_held is not None:  # on a mesh, its share
-        out["pool_slots_held"] = self.weights.pool_slots_held
-    return out
-
   def close(self) -> None:
     """Frees the engine's device buffers (cache and weights); the engine cannot step afterwards."""
     free(self.kv)
@@ -509,22 +475,12 @@ class Engine:
 
   def summary(self) -> dict:
     """The engine's counters and latency percentiles (over the most recent `history` requests)."""
-    wall, s = self.clock() - self.started, self.served
     return {
       "mode": self.config.mode.value,
-      "requests": s.requests,
-      "completed": s.completed,
-      "errors": s.errors,
-      "completion_tokens": s.completion_tokens,
-      "wall_s": wall,
-      "tokens_per_s": s.completion_tokens / wall if wall > 0 else 0.0,
-      "ttft_p50_s": s.percentile("ttft_s", 50),
-      "ttft_p99_s": s.percentile("ttft_s", 99),
-      "turnaround_p50_s": s.percentile("turnaround_s", 50),
-      "turnaround_p99_s": s.percentile("turnaround_s", 99),
+      **self.served.summary(self.clock() - self.started),
       "decode_steps": self.decode_steps,
       "compilations": compilations() - self._compiled_at_start,
-      **self._weight_counters(),
+      **weight_counters(self.weights, self.kv),
     }
 
 

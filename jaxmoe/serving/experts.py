@@ -49,7 +49,7 @@ import numpy as np
 
 from jaxmoe import buckets
 from jaxmoe.devices import pinned_host_sharding, to_device
-from jaxmoe.nn import moe
+from jaxmoe.nn import moe_ops
 
 DECAY = 0.98  # per use of the cache: a slot unused for ~35 uses counts half
 
@@ -65,7 +65,7 @@ class ArrayPool:
     self.dtypes = {n: np.dtype(w.dtype) for n, w in pool.items()}
     host = pinned_host_sharding() if jax.default_backend() != "cpu" else None
     stage = (lambda x: jax.device_put(x, host)) if host is not None else (lambda x: x)
-    packed = moe.pack({n: np.asarray(w) for n, w in pool.items()})  # what the device cache holds
+    packed = moe_ops.pack({n: np.asarray(w) for n, w in pool.items()})  # what the device cache holds
     self._slots = {n: [stage(np.ascontiguousarray(w[s])) for s in range(self.num_slots)] for n, w in packed.items()}
 
   @property
@@ -135,7 +135,7 @@ class ExpertCache:
       self._source = np.asarray(mesh.placement.order, np.int64)
       num_slots = len(self._source)
       self.shard_of = np.arange(num_slots) // mesh.placement.shard_slots
-    packed = moe.pack({n: np.zeros((1, *s), host.dtypes[n]) for n, s in host.shapes.items()})
+    packed = moe_ops.pack({n: np.zeros((1, *s), host.dtypes[n]) for n, s in host.shapes.items()})
     zeros = {n: jnp.zeros((self.capacity, *w.shape[1:]), w.dtype) for n, w in packed.items()}
     self.buffers = to_device(zeros) if mesh is None else mesh.cache_buffers(zeros)
     self.cache_of = np.full(num_slots, -1, np.int32)

@@ -4,7 +4,7 @@
 the logical axes of jaxmoe/nn/sharding.py:
   pool        sharded by slot over `expert`, after a placement renumbers the
               slots (jaxmoe/serving/placement.py), and each slot by its
-              hidden features over `model` (jaxmoe/nn/moe.py); each process
+              hidden features over `model` (jaxmoe/nn/expert_parallel.py); each process
               builds only the shards of its own devices, reading only their
               slots
   slot maps   renumbered to the placed pool, replicated
@@ -33,7 +33,7 @@ the logical axes of jaxmoe/nn/sharding.py:
 `MeshHooks` wraps a family's engine hooks (`admit`, `decode`): it places the
 step's inputs, runs the jitted step (or, with an expert cache, the family's
 stepped programs) under `jax.set_mesh` (which is how the MoE boundary finds
-the `expert` and `model` axes and turns expert-parallel, jaxmoe/nn/moe.py),
+the `expert` and `model` axes and turns expert-parallel, jaxmoe/nn/expert_parallel.py),
 and returns the sampled tokens replicated, so every process can read them.
 Without a mesh the engine does none of this.
 """
@@ -48,7 +48,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmoe.nn import moe, paged, sharding
+from jaxmoe.nn import expert_parallel, paged, sharding
 from jaxmoe.serving import placement as placement_lib
 
 
@@ -81,7 +81,7 @@ class EngineMesh:
 
   def _pool_sharding(self, name: str, stacked: bool = True) -> NamedSharding:
     slot_axis, feature_axis = sharding.mesh_axis("pool", self.mesh), sharding.mesh_axis("mlp", self.mesh)
-    return NamedSharding(self.mesh, moe.pool_spec(name, slot_axis if stacked else None, feature_axis))
+    return NamedSharding(self.mesh, expert_parallel.pool_spec(name, slot_axis if stacked else None, feature_axis))
 
   def pool(self, pool: dict, slot_maps: dict) -> dict:
     """The pool placed over `expert` (host leaves [X, ...] in, sharded [n * Xl, ...] out)."""

@@ -159,6 +159,25 @@ def check_request(request: Request) -> Request:
   return parse_request(fields, str(request.id))
 
 
+def prompt_ids(r: Request, tenants, tokenizer, vocab_size: int) -> list[int]:
+  """A request's prompt as token ids, checked against the store: its tenant among `tenants`, a text prompt
+  only with a tokenizer, ids within [0, vocab_size), at least one token. Raises RequestError."""
+  if r.model not in tenants:
+    raise RequestError(f"unknown model {r.model!r}; this store serves {list(tenants)}")
+  if r.prompt is not None:
+    if tokenizer is None:
+      raise RequestError("this store has no tokenizer: send 'prompt_ids' instead of 'prompt'")
+    ids = list(tokenizer.encode(r.prompt))
+  else:
+    ids = list(r.prompt_ids)
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+      raise RequestError(f"'prompt_ids' out of the vocabulary [0, {vocab_size}): {bad[:5]}")
+  if not ids:
+    raise RequestError("the prompt encodes to no tokens")
+  return ids
+
+
 def _loads(line: str):
   try:
     return json.loads(line)

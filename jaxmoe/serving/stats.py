@@ -10,6 +10,9 @@ import collections
 
 import numpy as np
 
+from jaxmoe.serving import offload
+from jaxmoe.trees import tree_bytes
+
 TIMINGS = ("queue_s", "ttft_s", "tpot_s", "turnaround_s")
 
 
@@ -33,3 +36,40 @@ class ServedStats:
   def percentile(self, key: str, q: float) -> float | None:
     values = self.recent[key]
     return float(np.percentile(np.fromiter(values, float), q)) if values else None
+
+  def summary(self, wall_s: float) -> dict:
+    """Counts, tokens/s over `wall_s` and the TTFT and turnaround percentiles (p50, p99)."""
+    out = {
+      "requests": self.requests,
+      "completed": self.completed,
+      "errors": self.errors,
+      "completion_tokens": self.completion_tokens,
+      "wall_s": wall_s,
+      "tokens_per_s": self.completion_tokens / wall_s if wall_s > 0 else 0.0,
+    }
+    for key in ("ttft", "turnaround"):
+      out |= {f"{key}_p{q}_s": self.percentile(f"{key}_s", q) for q in (50, 99)}
+    return out
+
+
+def weight_counters(weights, kv) -> dict:
+  """An engine's tenant switches, device bytes of weights and KV, its expert cache's and lazy pool's reads.
+
+  Args:
+    weights: the engine's `jaxmoe.serving.weights` object.
+    kv: its KV cache (a pytree of device arrays).
+  """
+  st, lazy = weights.stats, weights.lazy_pool
+  out = {
+    "switches": st.switches,
+    "switch_bytes": st.bytes,
+    "switch_s": st.seconds,
+    "device_weight_bytes": weights.device_bytes(),
+    "kv_bytes": tree_bytes(kv),
+    **offload.stats(weights.cache, weights.host_slot_maps),
+  }
+  if lazy is not None:  # a pool read lazily off disk: how many of its slots this process has read
+    out.update(pool_slots_read=len(lazy.slots_read), pool_slots=lazy.num_slots)
+    if weights.pool_slots_held is not None:  # on a mesh, its share
+      out["pool_slots_held"] = weights.pool_slots_held
+  return out

@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxmoe.devices import free, pinned_host_sharding, to_device
 from jaxmoe.families import base, registry
-from jaxmoe.nn import moe
+from jaxmoe.nn import moe_ops
 from jaxmoe.serving.experts import ArrayPool, ExpertCache, by_popularity
 from jaxmoe.trees import tree_bytes
 
@@ -55,7 +55,7 @@ class TenantWeights:
     self.mesh = mesh  # jaxmoe.serving.mesh.EngineMesh: the pool sharded, maps renumbered, backbones replicated or split
     lazy = getattr(store, "host_pool", None)  # a store read lazily off disk (io/store.py)
     self.lazy_pool = lazy
-    total = lazy.num_slots if lazy is not None else moe.num_slots(store.pool)
+    total = lazy.num_slots if lazy is not None else moe_ops.num_slots(store.pool)
     per_device = total if mesh is None else -(-total // mesh.expert_shards)  # slots a device holds of the pool
     self.cache = None
     if cache_slots is not None and cache_slots < per_device:  # the pool stays on the host; the device caches
@@ -65,9 +65,9 @@ class TenantWeights:
       self.pool, self.cache = None, ExpertCache(host, cache_slots, mesh)
       self.cache.fill(self.cache.placed(by_popularity(store.slot_maps.values())))  # the experts most tenants share
     elif mesh is None:
-      self.pool = to_device(moe.pack(store.pool))
+      self.pool = to_device(moe_ops.pack(store.pool))
     else:  # a store read lazily is read slot by slot: each process reads only its own devices' slots
-      self.pool = mesh.pool(lazy.packed_leaves() if lazy is not None else moe.pack(store.pool), store.slot_maps)
+      self.pool = mesh.pool(lazy.packed_leaves() if lazy is not None else moe_ops.pack(store.pool), store.slot_maps)
     # This process's share of the pool on a mesh (fixed once placed), for the read counts in the stats.
     self.pool_slots_held = mesh.held_slots(self.pool) if mesh is not None and self.pool is not None else None
     self.host_slot_maps = {t: np.asarray(store.slot_maps[t], np.int32) for t in self.tenants}

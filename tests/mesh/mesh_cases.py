@@ -17,8 +17,8 @@ from jax.sharding import NamedSharding
 
 from jaxmoe.families.mixtral import config
 from jaxmoe.families.switch.config import preset as switch_preset
+from jaxmoe.nn import expert_parallel, moe_ops, sharding
 from jaxmoe.nn import moe as moe_lib
-from jaxmoe.nn import sharding
 from jaxmoe.serving import Engine, EngineConfig, Mode, placement
 from jaxmoe.serving.synthetic import synthetic_store
 from tests.helpers import max_abs
@@ -55,7 +55,9 @@ def _place_pool(mesh, pool):
   p = placement.round_robin(next(iter(pool.values())).shape[0], mesh.shape.get("expert", 1))
   slot_axis, feature_axis = sharding.mesh_axis("pool", mesh), sharding.mesh_axis("mlp", mesh)
   placed = {
-    n: jax.device_put(p.rows(w, 0, len(p.order)), NamedSharding(mesh, moe_lib.pool_spec(n, slot_axis, feature_axis)))
+    n: jax.device_put(
+      p.rows(w, 0, len(p.order)), NamedSharding(mesh, expert_parallel.pool_spec(n, slot_axis, feature_axis))
+    )
     for n, w in pool.items()
   }
   return p, placed
@@ -290,12 +292,12 @@ def test_forward_logits_on_a_mesh(even_store, mesh):
 
   s, tenant = even_store, even_store.tenants[1]
   tokens = np.random.default_rng(4).integers(0, 256, (4, 12)).astype(np.int32)
-  one = {"backbone": s.backbones[tenant], "experts": moe_lib.pack(s.pool), "slot_map": s.slot_maps[tenant]}
+  one = {"backbone": s.backbones[tenant], "experts": moe_ops.pack(s.pool), "slot_map": s.slot_maps[tenant]}
   want = np.asarray(model.forward(jax.device_put(one), tokens, s.config, moe_lib.Impl.ROUTED))
   m = EngineMesh(sharding.make_mesh(mesh))
   params = {
     "backbone": m.backbone(s.backbones[tenant]),
-    "experts": m.pool(moe_lib.pack(s.pool), s.slot_maps),
+    "experts": m.pool(moe_ops.pack(s.pool), s.slot_maps),
     "slot_map": m.slot_map(np.asarray(s.slot_maps[tenant], np.int32)),
   }
   q = params["backbone"]["layers"]["q"]

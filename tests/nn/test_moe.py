@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxmoe.nn import moe as moe_lib
+from jaxmoe.nn import moe_ops
 from tests.helpers import max_abs
 
 
@@ -89,7 +90,7 @@ def test_strategy_is_bit_stable_when_the_pool_grows(impl):
 def test_routed_strategy_never_reads_unrouted_slots():
   """NaN in every slot no token is routed to leaves the output finite: those weights are not read."""
   x, logits, slot_map, pool = random_case(np.random.default_rng(12), 2, e=4, x_slots=12)
-  weights, experts = moe_lib.route(logits, 2, moe_lib.Router.TOPK_RENORM)
+  weights, experts = moe_ops.route(logits, 2, moe_lib.Router.TOPK_RENORM)
   used = set(np.asarray(slot_map)[np.asarray(experts)].reshape(-1).tolist())
   poisoned = {n: w.copy() for n, w in pool.items()}
   for s in set(range(12)) - used:
@@ -103,7 +104,7 @@ def test_routed_strategy_never_reads_unrouted_slots():
 
 def test_unique_slots_counts_distinct_values():
   slots = np.array([[3, 1], [3, 7], [1, 1]], np.int32)
-  uniq, count = moe_lib.unique_slots(slots, 6)
+  uniq, count = moe_ops.unique_slots(slots, 6)
   assert int(count) == 3 and list(np.asarray(uniq)[:3]) == [1, 3, 7]
 
 
@@ -122,7 +123,7 @@ def test_a_bf16_pool_is_never_copied_to_float32(impl, bound):
 
   cfg = config.preset("tiny").replace(hidden_size=128, intermediate_size=1024, dtype="bfloat16")
   params = layout.init_params(cfg)
-  params = jax.device_put({**params, "experts": moe_lib.pack(params["experts"])})
+  params = jax.device_put({**params, "experts": moe_ops.pack(params["experts"])})
   pool_bytes = sum(x.nbytes for x in jax.tree.leaves(params["experts"]))
   compiled = model.forward.lower(params, jax.numpy.zeros((2, 32), "int32"), cfg, impl).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes

@@ -10,7 +10,7 @@ import pytest
 
 from jaxmoe.families.mixtral import config as mixtral_config
 from jaxmoe.families.switch import config as switch_config
-from jaxmoe.nn import moe
+from jaxmoe.nn import moe_ops
 from jaxmoe.serving import Engine, EngineConfig, Mode
 from jaxmoe.serving.experts import ArrayPool, ExpertCache, min_slots
 from jaxmoe.serving.synthetic import synthetic_store
@@ -60,7 +60,7 @@ def minimum(store, mode: Mode) -> int:
 def test_a_cache_smaller_than_the_pool_serves_the_same_tokens(store, mode):
   want, _ = serve(store, mode)
   assert all(err is None for _, err in want.values())
-  pool = moe.num_slots(store.pool)
+  pool = moe_ops.num_slots(store.pool)
   budgets = {minimum(store, mode), pool - 1} if mode is Mode.MIXED else {minimum(store, mode)}
   for slots in sorted(budgets):
     got, engine = serve(store, mode, slots)
@@ -84,7 +84,7 @@ def test_a_budget_below_one_layer_is_refused_with_the_minimum(store):
 def test_pinned_tenant_stays_resident(store):
   pinned = store.tenants[0]
   slots = len(np.unique(store.slot_maps[pinned])) + minimum(store, Mode.SWAP)
-  assert slots < moe.num_slots(store.pool)
+  assert slots < moe_ops.num_slots(store.pool)
   gb = slots * expert_bytes(store) / 1e9
   cfg = EngineConfig(
     max_seq_len=MAX_SEQ, page_size=4, max_batch=BATCH, mode=Mode.SWAP, expert_cache_gb=gb, pinned_tenants=(pinned,)

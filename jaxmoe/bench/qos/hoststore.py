@@ -33,7 +33,7 @@ from jaxmoe.devices import default_sharding, free, to_host
 from jaxmoe.families import base
 from jaxmoe.families.mixtral.config import MixtralConfig
 from jaxmoe.families.mixtral.layout import EXPERT_NAMES, backbone_shapes, expert_shapes, identity_slot_map
-from jaxmoe.nn import moe
+from jaxmoe.nn import moe_ops
 from jaxmoe.serving.synthetic import MemoryStore, single_store
 from jaxmoe.trees import is_shape, tree_bytes
 
@@ -123,7 +123,7 @@ class HostStore:
 
   def device_store(self) -> MemoryStore:
     """The consolidated pool on the device; backbones stay on the host for the engine's modes."""
-    pool = moe.pack({w: stack_on_device([x for layer in self.slots for x in layer[w]]) for w in EXPERT_NAMES})
+    pool = moe_ops.pack({w: stack_on_device([x for layer in self.slots for x in layer[w]]) for w in EXPERT_NAMES})
     sizes = [len(layer[EXPERT_NAMES[0]]) for layer in self.slots]
     maps = {t: base.global_slot_map(m, sizes) for t, m in self.slot_maps.items()}
     return MemoryStore(self.config, list(self.tenants), pool, dict(self.backbones), maps)
@@ -138,7 +138,7 @@ class HostStore:
   def load_tenant(self, tenant: str) -> dict:
     """`tenant`'s whole model copied onto the device (identity slot map); blocks until it is there."""
     smap = self.slot_maps[tenant]
-    experts = moe.pack(
+    experts = moe_ops.pack(
       {w: stack_on_device([layer[w][s] for i, layer in enumerate(self.slots) for s in smap[i]]) for w in EXPERT_NAMES}
     )
     backbone = jax.device_put(self.backbones[tenant], default_sharding(), may_alias=False)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jaxmoe.families.mixtral.config import MixtralConfig
 from jaxmoe.families.mixtral.model import DecoderLayer, Mixtral, context
-from jaxmoe.nn.moe import Impl, Router, expert_slots, route
+from jaxmoe.nn.moe_ops import Impl, Router, expert_slots, route
 from jaxmoe.nn.tenancy import slot_row
 
 

@@ -21,7 +21,7 @@ from jaxmoe.families.switch import layout
 from jaxmoe.families.switch.config import SwitchConfig
 from jaxmoe.families.switch.model import Block, Switch, decoder_context, encoder_context
 from jaxmoe.nn import paged
-from jaxmoe.nn.moe import Impl, Router, expert_slots, route
+from jaxmoe.nn.moe_ops import Impl, Router, expert_slots, route
 from jaxmoe.nn.tenancy import slot_row
 
 
