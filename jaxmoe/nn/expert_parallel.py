@@ -57,6 +57,7 @@ from jaxmoe.nn.moe_ops import (
   num_slots,
   resolve,
   routing,
+  slot_bound,
   slot_weights,
   sum_k,
 )
@@ -76,9 +77,7 @@ def _terms_routed(x, local, weights, pool, spec, num_experts: int):
   """Per (k, token) float32 terms [K, T, D] of this shard's pairs (`grouped_terms`, the rest skipped)."""
   names, expert = expert_kind(pool)
   num_local = num_slots(pool)
-  bound = (
-    min(local.size, num_local + 1) if spec.max_slots is None else min(local.size, num_local + 1, spec.max_slots + 1)
-  )
+  bound = min(slot_bound(local, pool, spec) + 1, local.size)  # one more: the sentinel of pairs held elsewhere
   rows = chunk_rows(x.shape[0], spec.k, num_experts)
   return grouped_terms(x, local, weights, pool, names, expert, bound, rows, absent=num_local)
 
@@ -96,7 +95,7 @@ def _terms_dense(x, local, weights, pool, spec, num_experts: int):
 
 def moe_expert_parallel(x, router_logits, slot_map, pool, spec: MoeSpec):
   """`moe` with the pool's slots split over the context mesh's `expert` axis and its experts' features
-  over `model` (either or both; see the comments above).
+  over `model` (either or both; see the module docstring).
 
   Args and result as `jaxmoe.nn.moe.moe`; the pool's slot count must be a
   multiple of the expert axis' size (placement pads it).

@@ -1,7 +1,9 @@
-"""What an engine reports about the requests it served, in bounded memory.
+"""What an engine reports: the requests it served, in bounded memory, and its weights' counters.
 
 Counters are exact over the engine's life; latency percentiles are over the
 most recent `history` requests, so a long-running engine holds a fixed amount.
+`weight_counters` reads the tenant switches, device bytes and expert-cache
+counters off an engine's weights and KV cache.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ class ServedStats:
       "wall_s": wall_s,
       "tokens_per_s": self.completion_tokens / wall_s if wall_s > 0 else 0.0,
     }
-    for key in ("ttft", "turnaround"):
-      out |= {f"{key}_p{q}_s": self.percentile(f"{key}_s", q) for q in (50, 99)}
+    out["ttft_p50_s"], out["ttft_p99_s"] = self.percentile("ttft_s", 50), self.percentile("ttft_s", 99)
+    out["turnaround_p50_s"] = self.percentile("turnaround_s", 50)
+    out["turnaround_p99_s"] = self.percentile("turnaround_s", 99)
     return out
 
 
