@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe import buckets
+from jaxmoe.kernels.cpu import slot_matmul
 
 
 class Router(enum.Enum):
@@ -161,6 +162,15 @@ def slot_weights(pool: dict, names, index, dtype) -> list:
   return out
 
 
+def slot_expert(expert, x, pool, names, slot):
+  """One slot's expert on the rows x. On CPUs, for a few rows, its matmuls read the slot in place
+  (`jaxmoe.kernels.cpu.slot_matmul`) rather than after XLA's copy of it out of the pool."""
+  leaves = [pool[n] for n in names]
+  if slot_matmul.supports(x.shape[0], leaves, x.dtype):
+    return expert(x, *leaves, dot=lambda a, leaf: slot_matmul.slot_matmul(a, leaf, slot))
+  return expert(x, *slot_weights(pool, names, slot, x.dtype))
+
+
 def num_slots(pool) -> int:
   return next(iter(pool.values())).shape[0]
 
@@ -223,7 +233,7 @@ def grouped_terms(x, slots, weights, pool, names, expert, bound: int, rows: int,
     valid = lane < counts[g] - done
     pair = order[jnp.minimum(pos, n - 1)]
     tok = pair // k
-    y = expert(x[tok], *slot_weights(pool, names, sorted_slots[starts[g]], x.dtype))  # [rows, D]
+    y = slot_expert(expert, x[tok], pool, names, sorted_slots[starts[g]])  # [rows, D]
     terms = flat_weights[pair][:, None] * y
     return acc.at[pair % k, jnp.where(valid, tok, t)].set(terms, mode="drop")
 
