@@ -34,7 +34,7 @@ constexpr int kLanes = 16;        // floats per vector
 constexpr int kTile = 2 * kLanes;  // columns per register tile
 constexpr int kRows = 4;          // rows per register tile
 constexpr int kBlock = 16;        // weight rows per k block (kept in cache while every row uses them)
-constexpr int kMinTiles = 4;      // column tiles per thread, at least
+constexpr int kMinTiles = 4;      // column tiles per part, at least
 
 inline float scalar(float w) { return w; }
 inline float scalar(uint16_t w) {
@@ -144,7 +144,9 @@ ffi::Error call(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<T>
   const W* wp = pool.typed_data() + s * k * n;
   float* yp = y->typed_data();
   const int64_t tiles = n / kTile;
-  const int64_t count = std::max<int64_t>(1, std::min<int64_t>(std::min<int64_t>(threads.num_threads() + 1, 2), tiles / kMinTiles));
+  // Two parts where the row is wide enough: a second core adds read bandwidth. More parts cost more in
+  // scheduling than they saved on two cores.
+  const int64_t count = threads.num_threads() > 0 && tiles >= 2 * kMinTiles ? 2 : 1;
   if (count == 1) {
     slot_matmul(xp, wp, yp, rows, k, n, 0, n);
     return ffi::Error::Success();
