@@ -52,9 +52,10 @@ def _cpu_signature() -> str:
 
 def build(out_dir: Path | None = None) -> Path:
   """Compile the library (or find it compiled) and return its path; raises RuntimeError if it cannot."""
-  cxx = shutil.which(os.environ.get("CXX") or "g++") or (None if os.environ.get("CXX") else shutil.which("c++"))
+  wanted = os.environ.get("CXX")
+  cxx = shutil.which(wanted) if wanted else shutil.which("g++") or shutil.which("c++")
   if cxx is None:
-    raise RuntimeError(f"no C++ compiler: {os.environ.get('CXX') or 'g++ or c++'} not found")
+    raise RuntimeError(f"no C++ compiler: {wanted or 'g++ or c++'} not found")
   if not hasattr(jax, "ffi"):
     raise RuntimeError(f"jax {jax.__version__} has no jax.ffi")
   include = jax.ffi.include_dir()
