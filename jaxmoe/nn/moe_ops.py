@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe import buckets
-from jaxmoe.kernels.cpu import slot_matmul
+from jaxmoe.kernels.cpu import slot_ffn
 
 
 class Router(enum.Enum):
@@ -163,11 +163,12 @@ def slot_weights(pool: dict, names, index, dtype) -> list:
 
 
 def slot_expert(expert, x, pool, names, slot):
-  """One slot's expert on the rows x. On CPUs, for a few rows, its matmuls read the slot in place
-  (`jaxmoe.kernels.cpu.slot_matmul`) rather than after XLA's copy of it out of the pool."""
+  """One slot's expert on the rows x. On CPUs, for a few rows, one kernel call runs the whole expert and reads
+  the slot in place (`jaxmoe.kernels.cpu.slot_ffn`) rather than after XLA's copy of it out of
+  the pool."""
   leaves = [pool[n] for n in names]
-  if slot_matmul.supports(x.shape[0], leaves, x.dtype):
-    return expert(x, *leaves, dot=lambda a, leaf: slot_matmul.slot_matmul(a, leaf, slot))
+  if EXPERT_KINDS.get(tuple(names)) is expert and slot_ffn.supports(x.shape[0], leaves, x.dtype):
+    return slot_ffn.slot_ffn(x, leaves, slot)
   return expert(x, *slot_weights(pool, names, slot, x.dtype))
 
 

@@ -1,13 +1,13 @@
-"""One pool slot's matmul on XLA's CPU backend, reading the slot in place (slot_matmul.cc).
+"""One pool slot's whole expert on XLA's CPU backend, reading the slot in place (slot_ffn.cc).
 
 XLA:CPU copies a dynamically indexed matmul operand out of its array before
 the product, and at decode, where a routed slot meets a few rows, that copy
-costs as much as the product. `slot_matmul(x, leaf, slot)` takes the whole
-pool leaf and the slot instead. `slot_matmul_reference` is the same product in
-jnp. The library is compiled once per source, compiler and CPU into a cache
-folder (`$JAXMOE_CACHE`, else `$XDG_CACHE_HOME/jaxmoe`, else `~/.cache/jaxmoe`);
-without a compiler, or with `JAXMOE_CPU_KERNELS=0`, `available()` is False and
-callers keep XLA's own matmul.
+costs as much as the product. `slot_ffn(x, leaves, slot)` takes the whole pool
+leaves and the slot instead, and runs the expert (SwiGLU or ReLU) in one call.
+`slot_ffn_reference` is the same expert in jnp. The library is compiled once
+per source, compiler and CPU into a cache folder (`$JAXMOE_CACHE`, else
+`$XDG_CACHE_HOME/jaxmoe`, else `~/.cache/jaxmoe`); without a compiler, or with
+`JAXMOE_CPU_KERNELS=0`, `available()` is False and callers keep XLA's matmuls.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-SOURCE = Path(__file__).with_name("slot_matmul.cc")
-MAX_ROWS = 8  # beyond a decode chunk's rows XLA's multithreaded matmul is as fast
+SOURCE = Path(__file__).with_name("slot_ffn.cc")
+MAX_ROWS = 16  # a decode chunk (batch 32 routes 16 rows per slot); prefill chunks keep XLA's matmuls
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-_TARGETS = {"float32": "jaxmoe_slot_matmul_f32", "uint16": "jaxmoe_slot_matmul_bf16_bits"}
-_SYMBOLS = {"float32": "JaxmoeSlotMatmulF32", "uint16": "JaxmoeSlotMatmulBF16Bits"}
+_TARGETS = {"float32": "jaxmoe_slot_ffn_f32", "uint16": "jaxmoe_slot_ffn_bf16_bits"}
+_SYMBOLS = {"float32": "JaxmoeSlotFfnF32", "uint16": "JaxmoeSlotFfnBF16Bits"}
 
 
 def cache_dir() -> Path:
@@ -64,7 +65,7 @@ def build(out_dir: Path | None = None) -> Path:
     b"\0".join(s.encode() for s in (SOURCE.read_text(), cxx, version, include, *_FLAGS, _cpu_signature()))
   ).hexdigest()[:16]
   out_dir = out_dir or cache_dir()
-  lib = out_dir / f"slot_matmul-{key}.so"
+  lib = out_dir / f"slot_ffn-{key}.so"
   if lib.exists():
     return lib
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +90,7 @@ def available() -> bool:
   try:
     lib = ctypes.CDLL(str(build()))
   except (RuntimeError, OSError) as e:
-    warnings.warn(f"the CPU slot-matmul kernel is unavailable, XLA's matmul is used instead: {e}", stacklevel=2)
+    warnings.warn(f"the CPU expert kernel is unavailable, XLA's matmuls are used instead: {e}", stacklevel=2)
     return False
   for dtype, target in _TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, _SYMBOLS[dtype])), platform="cpu")
@@ -97,7 +98,7 @@ def available() -> bool:
 
 
 def supports(rows: int, leaves, x_dtype) -> bool:
-  """Whether `slot_matmul` takes `rows` rows of `x_dtype` against these pool leaves here: on the CPU, at most
+  """Whether `slot_ffn` takes `rows` rows of `x_dtype` against these pool leaves here: on the CPU, at most
   MAX_ROWS rows, float32 leaves with float32 x or bfloat16 bit patterns (uint16) with bfloat16 x."""
   if jax.default_backend() != "cpu" or rows > MAX_ROWS:
     return False
@@ -108,19 +109,31 @@ def supports(rows: int, leaves, x_dtype) -> bool:
   return available()
 
 
-def slot_matmul(x, leaf, slot):
-  """x [R, K] @ leaf[slot] -> [R, N] float32, `leaf` [X, K, N] read in place (see `supports`).
-
-  A slot outside the pool is clamped into it, as XLA clamps a dynamic index."""
-  target = _TARGETS[jnp.dtype(leaf.dtype).name]
-  slot = jnp.clip(jnp.asarray(slot, jnp.int32), 0, leaf.shape[0] - 1).reshape(1)
-  out = jax.ShapeDtypeStruct((x.shape[0], leaf.shape[2]), jnp.float32)
-  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(x.astype(jnp.float32), leaf, slot)
-
-
-def slot_matmul_reference(x, leaf, slot):
-  """The same product in jnp: the slot sliced out, bit patterns read as bfloat16, float32 throughout."""
+def _matmul_reference(x, leaf, slot):
+  """x @ leaf[slot] in jnp: the slot sliced out, bit patterns read as bfloat16, float32 throughout."""
   w = leaf[slot]
   if w.dtype == jnp.uint16:
     w = jax.lax.bitcast_convert_type(w, jnp.bfloat16)
   return jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
+def slot_ffn(x, leaves, slot):
+  """One slot's whole expert in one call -> [R, D] float32, the pool leaves read in place (see `supports`).
+
+  `leaves` are (w_in, w_gate, w_out), SwiGLU: silu(x w_in) * (x w_gate), or (w_in, w_out), ReLU: relu(x w_in);
+  [X, D, F] in, [X, F, D] out. The hidden activations are rounded to x's dtype before w_out, as the jnp
+  experts do."""
+  gated = len(leaves) == 3
+  w_in, w_gate, w_out = leaves if gated else (leaves[0], leaves[0], leaves[1])
+  target = _TARGETS[jnp.dtype(w_in.dtype).name]
+  slot = jnp.clip(jnp.asarray(slot, jnp.int32), 0, w_in.shape[0] - 1).reshape(1)
+  out = jax.ShapeDtypeStruct((x.shape[0], w_out.shape[2]), jnp.float32)
+  call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
+  return call(x.astype(jnp.float32), w_in, w_gate, w_out, slot, gated=np.int32(gated))
+
+
+def slot_ffn_reference(x, leaves, slot):
+  """The same expert in jnp (float32 products, the hidden activations rounded to x's dtype)."""
+  h = _matmul_reference(x, leaves[0], slot)
+  h = jax.nn.silu(h) * _matmul_reference(x, leaves[1], slot) if len(leaves) == 3 else jax.nn.relu(h)
+  return _matmul_reference(h.astype(x.dtype), leaves[-1], slot)
