@@ -21,7 +21,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -122,27 +121,63 @@ void matmul(const float* x, int64_t ldx, const W* w, int64_t ldw, float* y, int6
   }
 }
 
-// exp(v) to about an ulp in float32, in plain arithmetic the compiler vectorises: v = n ln2 + r, |r| <= ln2 / 2,
-// exp(r) by its degree-6 Taylor polynomial, times 2^n built in the exponent bits.
-inline float exp_approx(float v) {
-  v = std::min(std::max(v, -87.0f), 88.0f);
-  const float n = std::floor(v * 1.44269504f + 0.5f);
-  const float r = v - n * 0.693359375f + n * 2.12194440e-4f;  // ln2 in two parts
-  const float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
-  const uint32_t bits = uint32_t(int32_t(n) + 127) << 23;
-  float two_n;
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+inline f32x16 splat(float v) { return f32x16{} + v; }
+
+// exp(v) to about an ulp in float32, 16 lanes: v = n ln2 + r, |r| <= ln2 / 2, exp(r) by its degree-6 Taylor
+// polynomial, times 2^n built in the exponent bits (n rounded to nearest by the 1.5 * 2^23 trick).
+inline f32x16 exp_approx(f32x16 v) {
+  v = v < -87.0f ? splat(-87.0f) : v;
+  v = v > 88.0f ? splat(88.0f) : v;
+  const f32x16 n = (v * 1.44269504f + 12582912.0f) - 12582912.0f;
+  const f32x16 r = v - n * 0.693359375f + n * 2.12194440e-4f;  // ln2 in two parts
+  const f32x16 p =
+      1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+  const u32x16 bits = (u32x16)((__builtin_convertvector(n, i32x16) + 127) << 23);
+  f32x16 two_n;
   std::memcpy(&two_n, &bits, sizeof two_n);
   return p * two_n;
 }
 
-// A float32 rounded to the nearest bfloat16 (ties to even), NaN kept.
-inline float round_bf16(float f) {
-  uint32_t b;
+// Each lane rounded to the nearest bfloat16 (ties to even), NaN kept.
+inline f32x16 round_bf16(f32x16 f) {
+  u32x16 b;
   std::memcpy(&b, &f, sizeof b);
-  if ((b & 0x7fffffffu) > 0x7f800000u) return f;
-  b = (b + 0x7fffu + ((b >> 16) & 1u)) & 0xffff0000u;
+  const u32x16 rounded = (b + 0x7fffu + ((b >> 16) & 1u)) & 0xffff0000u;
+  b = (b & 0x7fffffffu) > 0x7f800000u ? b : rounded;
   std::memcpy(&f, &b, sizeof f);
   return f;
+}
+
+// h[j] = act(g0[j] + g1[j] [, u0[j] + u1[j]]) for j < n, into g0 (rounded to bfloat16 if asked); 16 lanes at a
+// time, the last partial group through a padded copy.
+inline f32x16 activation(f32x16 a, f32x16 b, f32x16 c, f32x16 e, bool gated, bool bf16) {
+  const f32x16 z = a + b;
+  const f32x16 h = gated ? z / (1.0f + exp_approx(-z)) * (c + e) : (z > 0.0f ? z : splat(0.0f));
+  return bf16 ? round_bf16(h) : h;
+}
+
+void activate(float* g0, const float* g1, const float* u0, const float* u1, bool gated, bool bf16, int64_t n) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const f32x16 h = activation(vector(g0 + j), vector(g1 + j), gated ? vector(u0 + j) : f32x16{},
+                                gated ? vector(u1 + j) : f32x16{}, gated, bf16);
+    std::memcpy(g0 + j, &h, sizeof h);
+  }
+  if (j < n) {
+    float in[4][kLanes] = {};
+    const int64_t m = n - j;
+    for (int64_t i = 0; i < m; ++i) {
+      in[0][i] = g0[j + i];
+      in[1][i] = g1[j + i];
+      in[2][i] = gated ? u0[j + i] : 0.0f;
+      in[3][i] = gated ? u1[j + i] : 0.0f;
+    }
+    const f32x16 h = activation(vector(in[0]), vector(in[1]), vector(in[2]), vector(in[3]), gated, bf16);
+    std::memcpy(in[0], &h, sizeof h);
+    for (int64_t i = 0; i < m; ++i) g0[j + i] = in[0][i];
+  }
 }
 
 // Two phases of parts, claimed by the calling thread and by a task on XLA's intra-op pool: every part of the
@@ -205,12 +240,8 @@ ffi::Error ffn(ffi::ThreadPool threads, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   auto second = [=](int64_t p) {
     const int64_t f0 = fs[p], f1 = fs[p + 1];
     for (int64_t r = 0; r < rows; ++r) {
-      float *g0 = g[0] + r * f, *g1 = g[1] + r * f, *u0 = u[0] + r * f, *u1 = u[1] + r * f;
-      for (int64_t j = f0; j < f1; ++j) {
-        const float a = g0[j] + g1[j];
-        const float h = wg != nullptr ? a / (1.0f + exp_approx(-a)) * (u0[j] + u1[j]) : std::max(a, 0.0f);
-        g0[j] = kBf16 ? round_bf16(h) : h;
-      }
+      const int64_t at = r * f + f0;
+      activate(g[0] + at, g[1] + at, u[0] + at, u[1] + at, wg != nullptr, kBf16, f1 - f0);
     }
     matmul(g[0] + f0, f, wo + f0 * d, d, p == 0 ? yp : share, d, rows, f1 - f0, 0, d);
   };
