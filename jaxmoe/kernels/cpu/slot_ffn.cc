@@ -36,6 +36,7 @@ namespace {
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 constexpr int kLanes = 16;        // floats per vector
 constexpr int kTile = 2 * kLanes;  // columns per register tile
@@ -121,8 +122,6 @@ void matmul(const float* x, int64_t ldx, const W* w, int64_t ldw, float* y, int6
   }
 }
 
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-
 inline f32x16 splat(float v) { return f32x16{} + v; }
 
 // exp(v) to about an ulp in float32, 16 lanes: v = n ln2 + r, |r| <= ln2 / 2, exp(r) by its degree-6 Taylor
@@ -150,14 +149,15 @@ inline f32x16 round_bf16(f32x16 f) {
   return f;
 }
 
-// h[j] = act(g0[j] + g1[j] [, u0[j] + u1[j]]) for j < n, into g0 (rounded to bfloat16 if asked); 16 lanes at a
-// time, the last partial group through a padded copy.
+// act(a + b [, c + e]) on 16 lanes: SwiGLU's silu(a + b) * (c + e), or relu(a + b).
 inline f32x16 activation(f32x16 a, f32x16 b, f32x16 c, f32x16 e, bool gated, bool bf16) {
   const f32x16 z = a + b;
   const f32x16 h = gated ? z / (1.0f + exp_approx(-z)) * (c + e) : (z > 0.0f ? z : splat(0.0f));
   return bf16 ? round_bf16(h) : h;
 }
 
+// h[j] = act(g0[j] + g1[j] [, u0[j] + u1[j]]) for j < n, into g0 (rounded to bfloat16 if asked); 16 lanes at a
+// time, the last partial group through a padded copy.
 void activate(float* g0, const float* g1, const float* u0, const float* u1, bool gated, bool bf16, int64_t n) {
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {

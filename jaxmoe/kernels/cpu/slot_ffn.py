@@ -122,7 +122,7 @@ def slot_ffn(x, leaves, slot):
 
   `leaves` are (w_in, w_gate, w_out), SwiGLU: silu(x w_in) * (x w_gate), or (w_in, w_out), ReLU: relu(x w_in);
   [X, D, F] in, [X, F, D] out. The hidden activations are rounded to x's dtype before w_out, as the jnp
-  experts do."""
+  experts do. A slot outside the pool is clamped into it, as XLA clamps a dynamic index."""
   gated = len(leaves) == 3
   w_in, w_gate, w_out = leaves if gated else (leaves[0], leaves[0], leaves[1])
   target = _TARGETS[jnp.dtype(w_in.dtype).name]
